@@ -1,0 +1,1 @@
+"""Masked Autoencoder model, training and evaluation built on mae_kernels."""

@@ -1,0 +1,74 @@
+"""Argument checks shared by the public ops: each error names the offending argument."""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def skip_index_checks():
+    """Skip the data-dependent index range checks (a host sync on CUDA) inside the block.
+
+    For callers whose indices come from `random_masking` itself, such as the MAE model.
+    """
+    previous = getattr(_state, "skip", False)
+    _state.skip = True
+    try:
+        yield
+    finally:
+        _state.skip = previous
+
+
+def tensor(name: str, value, ndim: int | None = None, *, floating: bool = False,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if floating and value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {value.dtype}")
+    return value
+
+
+def same_device(**tensors: torch.Tensor | None) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def index_range(name: str, index: torch.Tensor, upper: int) -> None:
+    """Every entry of `index` lies in [0, upper); skipped while compiling or when told to."""
+    if index.numel() == 0 or getattr(_state, "skip", False) or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.aminmax(index)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds {bad}, out of range [0, {upper})")
+
+
+def patch_grid(name: str, imgs: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    integer("patch_size", patch_size, 1)
+    H, W = imgs.shape[-2:]
+    if H % patch_size or W % patch_size:
+        raise ValueError(
+            f"patch_size {patch_size} does not divide the size of {name} ({H}x{W})"
+        )
+    return H // patch_size, W // patch_size
