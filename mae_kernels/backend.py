@@ -46,14 +46,17 @@ HAS_EXTENSION = _load_extension()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+# The device types the compiled extension has kernels for (a CPU-only build has none for CUDA).
+EXTENSION_DEVICES = frozenset(
+    device
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if HAS_EXTENSION
+    and torch._C._dispatch_has_kernel_for_dispatch_key("mae_kernels::gather_tokens", key)
+)
+
+
 def extension_supports(device: torch.device) -> bool:
-    """Whether the compiled extension has kernels for `device` (a CPU-only build has none for CUDA)."""
-    if not HAS_EXTENSION:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "mae_kernels::gather_tokens", key
-    )
+    return device.type in EXTENSION_DEVICES
 
 
 def triton_interpreted() -> bool:

@@ -12,13 +12,21 @@ _EPS = 1.0e-6
 def _use_triton(imgs: torch.Tensor, pred: torch.Tensor) -> bool:
     if resolve(imgs.device, has_extension_path=False) != TRITON:
         return False
+    if accumulation_dtype(imgs, pred) == torch.float64:
+        return False
     from .kernels.loss import supported
 
     return supported(pred)
 
 
-def _targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
-    target = reference.patchify(imgs, patch_size).float()
+def accumulation_dtype(imgs: torch.Tensor, pred: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64 (as gradcheck needs)."""
+    return torch.promote_types(torch.float32, torch.promote_types(imgs.dtype, pred.dtype))
+
+
+def _targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
+             dtype: torch.dtype) -> torch.Tensor:
+    target = reference.patchify(imgs, patch_size).to(dtype)
     if norm_pix_loss:
         var, mean = torch.var_mean(target, dim=-1, keepdim=True)
         target = (target - mean) / (var + _EPS).sqrt()
@@ -32,15 +40,16 @@ def _mae_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, pat
         from .kernels.loss import mae_loss_triton
 
         return mae_loss_triton(imgs, pred, mask, patch_size, norm_pix_loss)
-    target = _targets(imgs, patch_size, norm_pix_loss)
-    per_patch = (pred.float() - target).square().mean(dim=-1)
-    mask = mask.float()
+    dtype = accumulation_dtype(imgs, pred)
+    target = _targets(imgs, patch_size, norm_pix_loss, dtype)
+    per_patch = (pred.to(dtype) - target).square().mean(dim=-1)
+    mask = mask.to(dtype)
     return (per_patch * mask).sum() / mask.sum()
 
 
 @_mae_loss_op.register_fake
 def _(imgs, pred, mask, patch_size, norm_pix_loss):
-    return pred.new_empty((), dtype=torch.float32)
+    return pred.new_empty((), dtype=accumulation_dtype(imgs, pred))
 
 
 @torch.library.custom_op("mae_kernels::mae_loss_backward", mutates_args=())
@@ -52,10 +61,11 @@ def _mae_loss_backward_op(grad: torch.Tensor, imgs: torch.Tensor, pred: torch.Te
         from .kernels.loss import mae_loss_backward_triton
 
         return mae_loss_backward_triton(grad, imgs, pred, mask, patch_size, norm_pix_loss)
-    target = _targets(imgs, patch_size, norm_pix_loss)
-    mask = mask.float()
-    scale = grad.float() * 2.0 / (mask.sum() * pred.shape[-1])
-    return ((pred.float() - target) * (mask * scale).unsqueeze(-1)).to(pred.dtype)
+    dtype = accumulation_dtype(imgs, pred)
+    target = _targets(imgs, patch_size, norm_pix_loss, dtype)
+    mask = mask.to(dtype)
+    scale = grad.to(dtype) * 2.0 / (mask.sum() * pred.shape[-1])
+    return ((pred.to(dtype) - target) * (mask * scale).unsqueeze(-1)).to(pred.dtype)
 
 
 @_mae_loss_backward_op.register_fake
@@ -84,8 +94,8 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
     """The official `forward_loss`: mean squared error per patch, averaged over removed patches.
 
     imgs (B, C, H, W), pred (B, L, p*p*C), mask (B, L) with 1 = removed. With `norm_pix_loss`
-    each target patch is normalised by its mean and unbiased variance. Returns a float32 scalar;
-    the gradient flows to `pred`.
+    each target patch is normalised by its mean and unbiased variance. Returns a float32 scalar
+    (float64 for float64 inputs); the gradient flows to `pred`.
     """
     _checks.tensor("imgs", imgs, 4, floating=True)
     _checks.tensor("pred", pred, 3, floating=True)

@@ -73,15 +73,17 @@ def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tens
 
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
              norm_pix_loss: bool = True) -> torch.Tensor:
-    """Mean squared error on removed patches, in float32; norm-pix uses the unbiased variance."""
-    target = patchify(imgs, patch_size).float()
+    """Mean squared error on removed patches, in float32 (float64 for float64 inputs);
+    norm-pix uses the unbiased variance."""
+    dtype = torch.promote_types(torch.float32, torch.promote_types(imgs.dtype, pred.dtype))
+    target = patchify(imgs, patch_size).to(dtype)
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6) ** 0.5
-    loss = (pred.float() - target) ** 2
+    loss = (pred.to(dtype) - target) ** 2
     loss = loss.mean(dim=-1)
-    mask = mask.float()
+    mask = mask.to(dtype)
     return (loss * mask).sum() / mask.sum()
 
 

@@ -63,12 +63,13 @@ def _unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, len_ke
     body = grad[:, P:]
     ids_keep = inverse_permutation(ids_restore)[:, :K].contiguous()
     grad_x = torch.cat([grad[:, :P], gather_rows(body, ids_keep)], dim=1).to(x_dtype)
-    empty = grad.new_empty(0, dtype=torch.float32)
-    grad_mask_token = empty
+    grad_mask_token = grad.new_empty(0, dtype=torch.float32)
     if need_mask_token:
         removed = (ids_restore >= K).unsqueeze(-1)
         grad_mask_token = torch.where(removed, body, 0).sum(dim=(0, 1), dtype=torch.float32)
-    grad_pos = grad.sum(dim=0, dtype=torch.float32) if need_pos_embed else empty
+    grad_pos = grad.new_empty(0, dtype=torch.float32)
+    if need_pos_embed:
+        grad_pos = grad.sum(dim=0, dtype=torch.float32)
     return grad_x, grad_mask_token, grad_pos
 
 

@@ -132,7 +132,6 @@ def unshuffle_backward_triton(grad, ids_restore, len_keep, num_prefix_tokens, x_
             NEED_MASK_TOKEN=need_mask_token, NEED_POS=need_pos_embed,
             BLOCK_T=BLOCK_T, BLOCK_D=block_d,
         )
-    empty = torch.empty(0, **f32)
-    grad_mask_token = mask_partial.sum(0) if need_mask_token else empty
-    grad_pos = pos_partial.sum(0) if need_pos_embed else empty
+    grad_mask_token = mask_partial.sum(0) if need_mask_token else torch.empty(0, **f32)
+    grad_pos = pos_partial.sum(0) if need_pos_embed else torch.empty(0, **f32)
     return grad_x, grad_mask_token, grad_pos

@@ -1,0 +1,103 @@
+"""The torch.library contract: opcheck, gradcheck in float64, torch.compile without breaks."""
+import pytest
+import torch
+
+import mae_kernels as mk
+from mae_kernels import reference as ref
+
+ops = torch.ops.mae_kernels
+
+
+def _masking_inputs(dtype=torch.float32, B=2, L=9, D=5, P=1, ratio=0.5):
+    x = torch.randn(B, L, D, dtype=dtype)
+    noise = torch.rand(B, L)
+    _, mask, ids_restore = ref.random_masking(x, ratio, noise)
+    K = int(L * (1 - ratio))
+    _, ids_keep = torch.sort(noise, dim=1, stable=True)
+    return x, noise, mask, ids_restore, ids_keep[:, :K].contiguous(), K
+
+
+def _opcheck_cases():
+    x, noise, mask, ids_restore, ids_keep, K = _masking_inputs()
+    P, D = 1, x.shape[2]
+    enc = torch.randn(2, P + K, D, requires_grad=True)
+    mask_token = torch.randn(1, 1, D, requires_grad=True)
+    pos = torch.randn(1, P + x.shape[1], D, requires_grad=True)
+    imgs = torch.randn(2, 3, 6, 6)
+    pred = torch.randn(2, 9, 12, requires_grad=True)
+    loss_mask = (torch.rand(2, 9) > 0.5).float()
+    loss_mask[0, 0] = 1
+    return {
+        "gather_tokens": (ops.gather_tokens, (x.requires_grad_(), ids_keep)),
+        "scatter_tokens": (ops.scatter_tokens, (torch.randn(2, K, D, requires_grad=True),
+                                                ids_keep, x.shape[1])),
+        "patchify": (ops.patchify, (torch.randn(2, 3, 6, 4, requires_grad=True), 2)),
+        "unpatchify": (ops.unpatchify, (torch.randn(2, 6, 12, requires_grad=True), 2, 3, 2, 3)),
+        "random_masking": (ops.random_masking, (x, noise, K, torch.float32)),
+        "random_masking_backward": (ops.random_masking_backward, (torch.randn(2, K, D), ids_keep,
+                                                                  x.shape[1])),
+        "unshuffle": (ops.unshuffle, (enc, mask_token, ids_restore, P, pos)),
+        "unshuffle_no_pos": (ops.unshuffle, (enc, mask_token, ids_restore, P, None)),
+        "unshuffle_backward": (ops.unshuffle_backward, (torch.randn(2, P + 9, D), ids_restore, K,
+                                                        P, torch.float32, True, True)),
+        "mae_loss": (ops.mae_loss, (imgs, pred, loss_mask, 2, True)),
+        "mae_loss_backward": (ops.mae_loss_backward, (torch.tensor(1.0), imgs, pred.detach(),
+                                                      loss_mask, 2, False)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_opcheck_cases()))
+def test_opcheck(cpu_backend, name):
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+def test_gradcheck_float64():
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, noise, _, ids_restore, ids_keep, K = _masking_inputs(torch.float64)
+    x.requires_grad_()
+    D = x.shape[2]
+    imgs = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    loss_mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
+    checks = {
+        "gather_tokens": (mk.gather_tokens, (x, ids_keep)),
+        "scatter_tokens": (lambda s: mk.scatter_tokens(s, ids_keep, 9),
+                           (torch.randn(2, K, D, **f64),)),
+        "patchify": (lambda i: mk.patchify(i, 2), (torch.randn(2, 3, 4, 6, **f64),)),
+        "unpatchify": (lambda t: mk.unpatchify(t, 2, (2, 3), 3), (torch.randn(2, 6, 12, **f64),)),
+        "random_masking": (lambda t: mk.random_masking(t, 0.5, noise)[0], (x,)),
+        "unshuffle": (lambda e, m, p: mk.unshuffle(e, m, ids_restore, 1, p),
+                      (torch.randn(2, 1 + K, D, **f64), torch.randn(1, 1, D, **f64),
+                       torch.randn(1, 10, D, **f64))),
+        "mae_loss": (lambda p: mk.mae_loss(imgs, p, loss_mask, 2), (torch.randn(2, 4, 12, **f64),)),
+    }
+    for name, (fn, args) in checks.items():
+        assert torch.autograd.gradcheck(fn, args), name
+        assert torch.autograd.gradgradcheck(fn, args) if name == "patchify" else True
+
+
+def _mae_step(x, mask_token, pos, imgs, pred_head, noise):
+    x_masked, mask, ids_restore = mk.random_masking(x, 0.75, noise)
+    cls = x[:, :1]
+    decoded = mk.unshuffle(torch.cat([cls, x_masked], 1), mask_token, ids_restore, 1, pos)
+    pred = pred_head(decoded[:, 1:])
+    return mk.mae_loss(imgs, pred, mask, 4, True)
+
+
+def test_compile_fullgraph_chain(cpu_backend):
+    B, L, D = 2, 16, 8
+    x = torch.randn(B, L, D, requires_grad=True)
+    mask_token = torch.randn(1, 1, D, requires_grad=True)
+    pos = torch.randn(1, L + 1, D, requires_grad=True)
+    imgs = torch.randn(B, 3, 16, 16)
+    head = torch.nn.Linear(D, 48)
+    noise = torch.rand(B, L)
+    eager = _mae_step(x, mask_token, pos, imgs, head, noise)
+    eager_grads = torch.autograd.grad(eager, [x, mask_token, pos])
+    torch._dynamo.reset()
+    compiled = torch.compile(_mae_step, fullgraph=True)
+    loss = compiled(x, mask_token, pos, imgs, head, noise)
+    grads = torch.autograd.grad(loss, [x, mask_token, pos])
+    torch.testing.assert_close(loss, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)

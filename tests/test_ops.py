@@ -1,0 +1,204 @@
+"""Every public op against the reference: forward, backward, dtypes, odd shapes, layouts."""
+import pytest
+import torch
+
+import mae_kernels as mk
+from mae_kernels import reference as ref
+
+from .conftest import DTYPES, assert_close
+
+# (B, L, D): B=1, L=1, L not a power of two, D=1, D not a multiple of 8
+TOKEN_SHAPES = [(1, 1, 1), (2, 7, 5), (3, 16, 8), (2, 49, 33)]
+RATIOS = [0.0, 0.75, 0.9]
+# the (shape, ratio) pairs that keep at least one token
+MASKINGS = [(s, r) for s in TOKEN_SHAPES for r in RATIOS if int(s[1] * (1 - r)) > 0]
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _non_contiguous(t):
+    """The same values, laid out with a stride: a slice of a wider tensor."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,C,H,W,p", [(1, 3, 8, 8, 4), (2, 3, 12, 8, 4), (2, 1, 5, 5, 5),
+                                      (1, 2, 6, 9, 3)])
+def test_patchify_roundtrip(cpu_backend, dtype, B, C, H, W, p):
+    imgs = torch.randn(B, C, H, W, dtype=dtype)
+    x = mk.patchify(imgs, p)
+    assert torch.equal(x, ref.patchify(imgs, p))
+    assert torch.equal(mk.unpatchify(x, p, (H // p, W // p), C), imgs)
+    assert torch.equal(mk.patchify(imgs.transpose(2, 3).contiguous().transpose(2, 3), p), x)
+    leaf = _leaf(imgs)
+    grad = torch.randn_like(x)
+    (g,) = torch.autograd.grad(mk.patchify(leaf, p), leaf, grad)
+    assert torch.equal(g, ref.unpatchify(grad, p, (H // p, W // p), C))
+
+
+def test_unpatchify_square_default(cpu_backend):
+    x = torch.randn(2, 9, 2 * 2 * 3)
+    assert torch.equal(mk.unpatchify(x, 2), ref.unpatchify(x, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,ratio", MASKINGS)
+def test_random_masking(cpu_backend, dtype, shape, ratio):
+    B, L, D = shape
+    x = torch.randn(B, L, D, dtype=dtype)
+    noise = torch.rand(B, L)
+    got, want = mk.random_masking(x, ratio, noise), ref.random_masking(x, ratio, noise)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    leaf_a, leaf_b = _leaf(x), _leaf(x)
+    grad = torch.randn_like(got[0])
+    (ga,) = torch.autograd.grad(mk.random_masking(leaf_a, ratio, noise)[0], leaf_a, grad)
+    (gb,) = torch.autograd.grad(ref.random_masking(leaf_b, ratio, noise)[0], leaf_b, grad)
+    assert torch.equal(ga, gb)
+
+
+def test_random_masking_seeded_is_bitwise_reference(cpu_backend):
+    x = torch.randn(4, 49, 16)
+    torch.manual_seed(123)
+    got = mk.random_masking(x, 0.75)
+    torch.manual_seed(123)
+    want = ref.random_masking(x, 0.75)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("noise_dtype", [torch.float32, torch.float16, torch.float64])
+def test_random_masking_ties_and_signs(cpu_backend, noise_dtype):
+    """Ties keep the lower index; negative noise, -0.0, inf and NaN sort as torch.argsort."""
+    x = torch.randn(3, 12, 4)
+    noise = torch.randn(3, 12).to(noise_dtype)
+    noise[0] = 0.5
+    noise[1, :4] = torch.tensor([0.0, -0.0, -1.0, 0.0])
+    noise[2, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -2.0])
+    for got, want in zip(mk.random_masking(x, 0.5, noise), ref.random_masking(x, 0.5, noise)):
+        assert torch.equal(got, want)
+
+
+def test_random_masking_non_contiguous(cpu_backend):
+    x = torch.randn(2, 10, 6)
+    noise = torch.rand(10, 2).t()
+    got = mk.random_masking(_non_contiguous(x), 0.6, noise)
+    want = ref.random_masking(x, 0.6, noise.contiguous())
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def _unshuffle_inputs(B, L, D, P, ratio, dtype, with_pos):
+    _, _, ids_restore = ref.random_masking(torch.empty(B, L, 1), ratio, torch.rand(B, L))
+    K = int(L * (1 - ratio))
+    x = torch.randn(B, P + K, D, dtype=dtype)
+    mask_token = torch.randn(1, 1, D, dtype=dtype)
+    pos = torch.randn(1, P + L, D, dtype=dtype) if with_pos else None
+    return x, mask_token, ids_restore, pos
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,ratio", MASKINGS)
+@pytest.mark.parametrize("P", [0, 1])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_unshuffle(cpu_backend, dtype, shape, ratio, P, with_pos):
+    B, L, D = shape
+    x, mask_token, ids_restore, pos = _unshuffle_inputs(B, L, D, P, ratio, dtype, with_pos)
+    leaves = [_leaf(t) for t in (x, mask_token) + ((pos,) if with_pos else ())]
+    out = mk.unshuffle(leaves[0], leaves[1], ids_restore, P, leaves[2] if with_pos else None)
+    f32 = [_leaf(t.float()) for t in leaves]
+    want = ref.unshuffle(f32[0], f32[1], ids_restore, P, f32[2] if with_pos else None)
+    assert out.dtype == dtype and out.shape == want.shape
+    assert_close(out, want, dtype)
+    grad = torch.randn_like(want)
+    got_grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    want_grads = torch.autograd.grad(want, f32, grad.to(dtype).float())
+    for g, w, leaf in zip(got_grads, want_grads, leaves):
+        assert g.dtype == leaf.dtype
+        assert_close(g, w, dtype)
+
+
+def test_unshuffle_mixed_dtypes_promote(cpu_backend):
+    """Under autocast the encoder output is bf16 while mask token and pos embed stay float32."""
+    x, _, ids_restore, _ = _unshuffle_inputs(2, 9, 4, 1, 0.5, torch.bfloat16, False)
+    mask_token, pos = torch.randn(1, 1, 4), torch.randn(1, 10, 4)
+    out = mk.unshuffle(x, mask_token, ids_restore, 1, pos)
+    want = ref.unshuffle(x, mask_token, ids_restore, 1, pos)
+    assert out.dtype == want.dtype == torch.float32
+    assert_close(out, want, torch.float32)
+
+
+def test_unshuffle_non_contiguous(cpu_backend):
+    x, mask_token, ids_restore, pos = _unshuffle_inputs(2, 9, 4, 1, 0.5, torch.float32, True)
+    out = mk.unshuffle(_non_contiguous(x), mask_token, ids_restore.t().contiguous().t(), 1,
+                       _non_contiguous(pos))
+    assert torch.equal(out, ref.unshuffle(x, mask_token, ids_restore, 1, pos))
+
+
+def test_unshuffle_pos_embed_without_grad(cpu_backend):
+    x, mask_token, ids_restore, pos = _unshuffle_inputs(2, 9, 4, 1, 0.5, torch.float32, True)
+    leaf = _leaf(x)
+    out = mk.unshuffle(leaf, mask_token, ids_restore, 1, pos)
+    (g,) = torch.autograd.grad(out.sum(), leaf)
+    assert torch.equal(g, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+@pytest.mark.parametrize("B,C,H,W,p", [(1, 3, 8, 8, 4), (2, 3, 12, 8, 4), (2, 1, 10, 5, 5)])
+def test_mae_loss(cpu_backend, dtype, norm_pix_loss, B, C, H, W, p):
+    imgs = torch.randn(B, C, H, W, dtype=dtype)
+    L = (H // p) * (W // p)
+    pred = torch.randn(B, L, p * p * C, dtype=dtype)
+    mask = (torch.rand(B, L) < 0.75).float()
+    mask[0, 0] = 1.0
+    leaf = _leaf(pred)
+    loss = mk.mae_loss(imgs, leaf, mask, p, norm_pix_loss)
+    f32 = _leaf(pred.float())
+    want = ref.mae_loss(imgs.float(), f32, mask, p, norm_pix_loss)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss, want, dtype)
+    (g,) = torch.autograd.grad(loss, leaf)
+    (w,) = torch.autograd.grad(want, f32)
+    assert g.dtype == dtype
+    assert_close(g, w, dtype)
+    assert torch.all(g[mask == 0] == 0)
+
+
+def test_mae_loss_non_contiguous(cpu_backend):
+    imgs = torch.randn(2, 3, 8, 8).transpose(2, 3)
+    pred = _non_contiguous(torch.randn(2, 4, 48))
+    mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
+    assert_close(mk.mae_loss(imgs, pred, mask, 4), ref.mae_loss(imgs, pred, mask, 4),
+                 torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TOKEN_SHAPES)
+def test_gather_scatter_tokens(cpu_backend, dtype, shape):
+    B, L, D = shape
+    K = max(1, L // 2)
+    index = torch.stack([torch.randperm(L)[:K] for _ in range(B)])
+    x = torch.randn(B, L, D, dtype=dtype)
+    assert torch.equal(mk.gather_tokens(x, index), ref.gather_tokens(x, index))
+    assert torch.equal(mk.gather_tokens(_non_contiguous(x), index), ref.gather_tokens(x, index))
+    src = torch.randn(B, K, D, dtype=dtype)
+    assert torch.equal(mk.scatter_tokens(src, index, L), ref.scatter_tokens(src, index, L))
+    leaf = _leaf(x)
+    grad = torch.randn(B, K, D, dtype=dtype)
+    (g,) = torch.autograd.grad(mk.gather_tokens(leaf, index), leaf, grad)
+    assert torch.equal(g, ref.scatter_tokens(grad, index, L))
+    leaf = _leaf(src)
+    grad = torch.randn(B, L, D, dtype=dtype)
+    (g,) = torch.autograd.grad(mk.scatter_tokens(leaf, index, L), leaf, grad)
+    assert torch.equal(g, ref.gather_tokens(grad, index))
+
+
+def test_reference_backend_is_the_reference():
+    x = torch.randn(2, 8, 4)
+    noise = torch.rand(2, 8)
+    with mk.use_backend("reference"):
+        got = mk.random_masking(x, 0.5, noise)
+    assert all(torch.equal(g, w) for g, w in zip(got, ref.random_masking(x, 0.5, noise)))
