@@ -1,1 +1,22 @@
 """Masked Autoencoder model, training and evaluation built on mae_kernels."""
+from .models import (
+    MODELS,
+    MaskedAutoencoderViT,
+    mae_vit_base_patch16,
+    mae_vit_huge_patch14,
+    mae_vit_large_patch16,
+    mae_vit_small_patch16,
+    mae_vit_tiny_patch16,
+)
+from .pos_embed import interpolate_pos_embed
+
+__all__ = [
+    "MODELS",
+    "MaskedAutoencoderViT",
+    "interpolate_pos_embed",
+    "mae_vit_base_patch16",
+    "mae_vit_huge_patch14",
+    "mae_vit_large_patch16",
+    "mae_vit_small_patch16",
+    "mae_vit_tiny_patch16",
+]

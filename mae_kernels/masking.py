@@ -98,6 +98,12 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     the lower index. Without `noise`, draws `torch.rand(B, L, device=x.device)` exactly as the
     reference does, so seeded runs match it bit for bit.
     """
+    return random_masking_with_ids(x, mask_ratio, noise)[:3]
+
+
+def random_masking_with_ids(x: torch.Tensor, mask_ratio: float,
+                            noise: torch.Tensor | None = None):
+    """`random_masking`, plus ids_keep (B, len_keep): the kept positions, in keep order."""
     _checks.tensor("x", x, 3, floating=True)
     B, L, _ = x.shape
     len_keep = keep_count(L, mask_ratio)
@@ -111,8 +117,6 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
         if noise.dtype.is_complex or noise.dtype == torch.bool:
             raise TypeError(f"noise must be a real tensor, got {noise.dtype}")
     if resolve(x.device) == REFERENCE:
-        return reference.random_masking(x, mask_ratio, noise)
-    x_masked, mask, ids_restore, _ = _random_masking_op(
-        x, noise, len_keep, torch.get_default_dtype()
-    )
-    return x_masked, mask, ids_restore
+        ids_keep = torch.argsort(noise, dim=1, stable=True)[:, :len_keep]
+        return (*reference.random_masking(x, mask_ratio, noise), ids_keep)
+    return _random_masking_op(x, noise, len_keep, torch.get_default_dtype())
