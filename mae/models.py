@@ -260,7 +260,7 @@ def mae_vit_large_patch16(**kwargs):
 
 
 def mae_vit_huge_patch14(**kwargs):
-    return _mae(1280, 32, 16, patch_size=14, **kwargs)
+    return _mae(1280, 32, 16, **{"patch_size": 14, **kwargs})
 
 
 MODELS = {

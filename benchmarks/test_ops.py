@@ -1,0 +1,196 @@
+"""Every fused op against the PyTorch reference, eager and compiled, forward and forward+backward.
+
+GPU: the MAE shapes (B in {64, 256}, L=196, D in {768, 1024} encoder side, 512 decoder side,
+224x224 images, p=16; float32 and bfloat16), with GB/s and the fraction of the bandwidth floor.
+CPU: one realistic masking size (B=64, L=196, D=768) and small sizes for the rest.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mae_kernels
+from mae_kernels import reference
+from mae_kernels.backend import EXTENSION_DEVICES, HAS_TRITON
+
+from .common import CUDA, run_case, tensor_bytes
+
+DEVICE = "cuda" if CUDA else "cpu"
+if CUDA:
+    ENCODER = [(B, 196, D) for B in (64, 256) for D in (768, 1024)]
+    DECODER = [(B, 196, 512) for B in (64, 256)]
+    IMAGES = [64, 256]
+    DTYPES = [torch.float32, torch.bfloat16]
+    IMPLS = ["reference", "compiled"] + (["triton"] if HAS_TRITON else []) + (
+        ["cuda"] if "cuda" in EXTENSION_DEVICES else [])
+else:
+    ENCODER = [(64, 196, 768)]
+    DECODER = [(8, 196, 512)]
+    IMAGES = [8]
+    DTYPES = [torch.float32]
+    IMPLS = ["reference", "compiled"] + (["cpp"] if "cpu" in EXTENSION_DEVICES else [])
+RATIO = 0.75
+PATCH = 16
+# ops with no extension path run the reference under the cpp/cuda backend: not worth a row
+EXTENSION_OPS = {"random_masking", "unshuffle", "gather_tokens", "scatter_tokens"}
+
+
+def implementation(impl: str, name: str):
+    if impl == "reference":
+        return getattr(reference, name)
+    if impl == "compiled":
+        return torch.compile(getattr(reference, name), dynamic=False)
+    public = getattr(mae_kernels, name)
+
+    def call(*args, **kwargs):
+        # the model calls the ops with index checks off (its indices come from random_masking)
+        with mae_kernels.use_backend(impl), mae_kernels.skip_index_checks():
+            return public(*args, **kwargs)
+
+    return call
+
+
+def _select(benchmark, impl, name):
+    if impl in ("cpp", "cuda") and name not in EXTENSION_OPS:
+        pytest.skip(f"{name} has no extension kernel")
+    if impl == "compiled" and not CUDA and benchmark.disabled:
+        pytest.skip("compiling on CPU is too slow for the smoke run")
+    benchmark.group = f"{name}"
+    return implementation(impl, name)
+
+
+def _grad_of(out, inputs, grad):
+    return torch.autograd.grad(out, inputs, grad)
+
+
+def _randn(*shape, dtype=torch.float32, grad=False):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ENCODER, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_random_masking(benchmark, impl, shape, dtype, backward):
+    op = _select(benchmark, impl, "random_masking")
+    B, L, D = shape
+    K = int(L * (1 - RATIO))
+
+    def make():
+        return (_randn(B, L, D, dtype=dtype, grad=backward), torch.rand(B, L, device=DEVICE),
+                _randn(B, K, D, dtype=dtype) if backward else None)
+
+    def run(x, noise, grad):
+        out = op(x, RATIO, noise)
+        return _grad_of(out[0], x, grad) if backward else out
+
+    es = torch.tensor([], dtype=dtype).element_size()
+    moved = B * L * (4 + 4 + 8) + 2 * B * K * D * es + (B * K * D * es + B * L * D * es) * backward
+    run_case(benchmark, run, make, moved, op="random_masking", impl=impl, shape=list(shape),
+             dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DECODER, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unshuffle(benchmark, impl, shape, dtype, backward):
+    op = _select(benchmark, impl, "unshuffle")
+    B, L, D = shape
+    K, P = int(L * (1 - RATIO)), 1
+
+    def make():
+        ids_restore = torch.rand(B, L, device=DEVICE).argsort(dim=1).argsort(dim=1)
+        return (_randn(B, P + K, D, dtype=dtype, grad=backward),
+                _randn(1, 1, D, dtype=dtype, grad=backward), ids_restore,
+                _randn(1, P + L, D, dtype=dtype, grad=backward),
+                _randn(B, P + L, D, dtype=dtype) if backward else None)
+
+    def run(x, mask_token, ids_restore, pos, grad):
+        out = op(x, mask_token, ids_restore, P, pos)
+        return _grad_of(out, (x, mask_token, pos), grad) if backward else out
+
+    es = torch.tensor([], dtype=dtype).element_size()
+    small = (P + L) * D * es + D * es  # pos embed and mask token (or their gradients)
+    moved = B * (P + K) * D * es + B * L * 8 + small + B * (P + L) * D * es
+    if backward:
+        moved += B * (P + L) * D * es + B * L * 8 + B * (P + K) * D * es + small
+    run_case(benchmark, run, make, moved, op="unshuffle", impl=impl, shape=list(shape),
+             dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("norm_pix_loss", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", IMAGES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mae_loss(benchmark, impl, B, dtype, norm_pix_loss, backward):
+    op = _select(benchmark, impl, "mae_loss")
+    L, E = (224 // PATCH) ** 2, PATCH * PATCH * 3
+
+    def make():
+        mask = (torch.rand(B, L, device=DEVICE).argsort(1) >= int(L * (1 - RATIO))).float()
+        return (_randn(B, 3, 224, 224, dtype=dtype), _randn(B, L, E, dtype=dtype, grad=backward),
+                mask)
+
+    def run(imgs, pred, mask):
+        loss = op(imgs, pred, mask, PATCH, norm_pix_loss)
+        return _grad_of(loss, pred, None) if backward else loss
+
+    es = torch.tensor([], dtype=dtype).element_size()
+    masked = RATIO * B * L * E * es  # the removed patches of the image and of pred
+    moved = int(2 * masked + B * L * 4 + (2 * masked + B * L * E * es) * backward)
+    run_case(benchmark, run, make, moved, op="mae_loss", impl=impl, shape=[B, 3, 224, 224],
+             dtype=str(dtype), direction="fwd+bwd" if backward else "fwd",
+             norm_pix_loss=norm_pix_loss)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", IMAGES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_patchify(benchmark, impl, B, dtype, backward):
+    op = _select(benchmark, impl, "patchify")
+    L, E = (224 // PATCH) ** 2, PATCH * PATCH * 3
+
+    def make():
+        return (_randn(B, 3, 224, 224, dtype=dtype, grad=backward),
+                _randn(B, L, E, dtype=dtype) if backward else None)
+
+    def run(imgs, grad):
+        out = op(imgs, PATCH)
+        return _grad_of(out, imgs, grad) if backward else out
+
+    moved = 2 * tensor_bytes(make()[0]) * (1 + backward)
+    run_case(benchmark, run, make, moved, op="patchify", impl=impl, shape=[B, 3, 224, 224],
+             dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ENCODER, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["gather_tokens", "scatter_tokens"])
+def test_gather_scatter(benchmark, name, impl, shape, dtype, backward):
+    if impl == "triton":
+        pytest.skip("gather/scatter are the extension's primitives")
+    op = _select(benchmark, impl, name)
+    B, L, D = shape
+    K = int(L * (1 - RATIO))
+    gather = name == "gather_tokens"
+
+    def make():
+        index = torch.rand(B, L, device=DEVICE).argsort(dim=1)[:, :K].contiguous()
+        data = _randn(B, L if gather else K, D, dtype=dtype, grad=backward)
+        grad = _randn(B, K if gather else L, D, dtype=dtype) if backward else None
+        return data, index, grad
+
+    def run(data, index, grad):
+        out = op(data, index) if gather else op(data, index, L)
+        return _grad_of(out, data, grad) if backward else out
+
+    es = torch.tensor([], dtype=dtype).element_size()
+    one_way = B * K * 8 + B * K * D * es + B * (K if gather else L) * D * es
+    other_way = B * K * 8 + B * K * D * es + B * (L if gather else K) * D * es
+    run_case(benchmark, run, make, one_way + other_way * backward, op=name, impl=impl,
+             shape=list(shape), dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")

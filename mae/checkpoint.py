@@ -1,0 +1,65 @@
+"""Checkpoints that never lose work: written to a temporary file in the same folder, flushed to
+disk, then renamed over the old one, so a kill mid-write leaves the previous checkpoint intact."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def atomic_save(obj, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    """The checkpoint of the highest epoch in `output_dir`, or None."""
+    found = []
+    for p in Path(output_dir).glob("checkpoint-*.pth"):
+        match = CHECKPOINT_PATTERN.search(p.name)
+        if match:
+            found.append((int(match.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -1,0 +1,30 @@
+"""`mae visualize`: the reconstruction figure for any image."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .checkpoint import load_checkpoint
+from .data import center_resize, to_tensor
+from .figures import save_reconstruction_figure
+from .pretrain import build_model
+
+
+def visualize(args):
+    state = load_checkpoint(args.checkpoint)
+    config = dict(state["args"])
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    size = config["input_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    try:
+        with Image.open(args.image) as img:
+            img = img.convert("RGB")
+    except OSError as exc:
+        raise SystemExit(f"--image {args.image}: cannot read it ({exc})") from exc
+    x = to_tensor(center_resize(img, size))[None]
+    noise = torch.rand(1, model.patch_embed.num_patches,
+                       generator=torch.Generator().manual_seed(args.seed))
+    path = save_reconstruction_figure(model, x, args.output, args.mask_ratio, noise)
+    print(f"wrote {path}")
+    return path
