@@ -59,6 +59,23 @@ def _select(benchmark, impl, name):
     return implementation(impl, name)
 
 
+def token_cases(shapes):
+    """Every implementation x (B, L, D) shape x dtype x direction."""
+    marks = [
+        pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"]),
+        pytest.mark.parametrize("dtype", DTYPES, ids=str),
+        pytest.mark.parametrize("shape", shapes, ids=lambda s: "x".join(map(str, s))),
+        pytest.mark.parametrize("impl", IMPLS),
+    ]
+
+    def apply(fn):
+        for mark in marks:
+            fn = mark(fn)
+        return fn
+
+    return apply
+
+
 def _grad_of(out, inputs, grad):
     return torch.autograd.grad(out, inputs, grad)
 
@@ -67,10 +84,7 @@ def _randn(*shape, dtype=torch.float32, grad=False):
     return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", ENCODER, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("impl", IMPLS)
+@token_cases(ENCODER)
 def test_random_masking(benchmark, impl, shape, dtype, backward):
     op = _select(benchmark, impl, "random_masking")
     B, L, D = shape
@@ -90,10 +104,7 @@ def test_random_masking(benchmark, impl, shape, dtype, backward):
              dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", DECODER, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("impl", IMPLS)
+@token_cases(DECODER)
 def test_unshuffle(benchmark, impl, shape, dtype, backward):
     op = _select(benchmark, impl, "unshuffle")
     B, L, D = shape
@@ -166,10 +177,7 @@ def test_patchify(benchmark, impl, B, dtype, backward):
              dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", ENCODER, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("impl", IMPLS)
+@token_cases(ENCODER)
 @pytest.mark.parametrize("name", ["gather_tokens", "scatter_tokens"])
 def test_gather_scatter(benchmark, name, impl, shape, dtype, backward):
     if impl == "triton":

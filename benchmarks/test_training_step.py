@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mae.models import MODELS
+from mae_kernels.integrations import patch_vit_mae
 
 from .common import CUDA, cuda_median_ms
 
@@ -86,13 +87,18 @@ def test_pretrain_step(benchmark, name, variant):
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
+@pytest.mark.parametrize("patched", [False, True], ids=["hf", "hf+patch_vit_mae"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_pretrain_step_hf_vitmae(benchmark, name, compiled):
-    if not CUDA and (compiled or name != "mae_vit_tiny_patch16"):
-        pytest.skip("the HF baseline runs at full size on a GPU only")
+def test_pretrain_step_hf_vitmae(benchmark, name, compiled, patched):
+    """HF ViTMAE as the outside baseline, as is and with `patch_vit_mae`."""
+    if not CUDA and compiled:
+        pytest.skip("compiling on CPU is too slow for the smoke run")
     batch, size, _ = CONFIGS[name]
     benchmark.group = f"pretrain step {name}"
-    benchmark.extra_info.update(model=name, variant="hf-vitmae" + ("+compile" * compiled))
-    model = hf_vit_mae(name, size if size % 16 == 0 else 32)
+    variant = "hf-vitmae" + ("+patched" * patched) + ("+compile" * compiled)
+    benchmark.extra_info.update(model=name, variant=variant)
+    model = hf_vit_mae(name, size)
+    if patched:
+        model = patch_vit_mae(model)
     _measure(benchmark, model, lambda m, x: m(pixel_values=x).loss, batch, size, compiled)
