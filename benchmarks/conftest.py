@@ -19,6 +19,8 @@ def _seed():
 def pytest_benchmark_update_machine_info(config, machine_info):
     import datetime
     import importlib.metadata
+    import os
+    import platform
 
     machine_info["torch"] = torch.__version__
     machine_info["cuda"] = torch.version.cuda
@@ -26,5 +28,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["triton"] = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         machine_info["triton"] = None
-    machine_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+    if CUDA:
+        machine_info["device"] = torch.cuda.get_device_name()
+    else:
+        cpu = machine_info.get("cpu", {}).get("brand_raw") or platform.processor() or "unknown"
+        machine_info["device"] = f"CPU only: {cpu}, {os.cpu_count()} cores"
     machine_info["date"] = datetime.date.today().isoformat()

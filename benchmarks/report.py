@@ -114,6 +114,10 @@ def main(argv=None) -> None:
            "--benchmark-json=...`. GPU times are medians of CUDA-event timings with the L2 "
            "flushed by rotating inputs; `x floor` is the time over the bandwidth floor (bytes "
            "that must move / measured device-to-device copy bandwidth).", ""]
+    if machine.get("cuda") is None or "CPU only" in str(machine.get("device", "")):
+        out += ["This run had no GPU: the GPU cases (Triton kernels, CUDA extension, ViT-B/L "
+                "training steps, bandwidth floors) were skipped, and no GPU figure is claimed "
+                "here. CPU figures are pytest-benchmark medians of wall time.", ""]
     groups = defaultdict(list)
     for b in data["benchmarks"]:
         groups[b["group"] or b["name"]].append(b)

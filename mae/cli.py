@@ -31,15 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pre)
     _flag(pre, "model", default="mae_vit_tiny_patch16")
     _flag(pre, "input-size", type=int, default=32)
-    _flag(pre, "patch-size", type=int, default=4,
+    _flag(pre, "patch-size", type=int, default=8,
           help="overrides the model's patch size (0: the model's own)")
     _flag(pre, "mask-ratio", type=float, default=0.75)
     _flag(pre, "norm-pix-loss", action="store_true")
-    _flag(pre, "epochs", type=int, default=8)
+    _flag(pre, "epochs", type=int, default=40)
     _flag(pre, "accum-iter", type=int, default=1)
     _flag(pre, "weight-decay", type=float, default=0.05)
     _flag(pre, "lr", type=float, default=None, help="absolute lr (default: blr * batch / 256)")
-    _flag(pre, "blr", type=float, default=1.5e-4)
+    _flag(pre, "blr", type=float, default=5e-3,
+          help="base lr; the official ImageNet recipe uses 1.5e-4")
     _flag(pre, "min-lr", type=float, default=0.0)
     _flag(pre, "warmup-epochs", type=float, default=1)
     _flag(pre, "amp", choices=["bf16", "fp16", "none"], default="none")
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("linprobe", help="linear probing of a pre-trained encoder")
     _common(probe)
     _flag(probe, "checkpoint", required=True)
+    probe.set_defaults(batch_size=256)
     _flag(probe, "epochs", type=int, default=90)
     _flag(probe, "blr", type=float, default=0.1)
     _flag(probe, "weight-decay", type=float, default=0.0)

@@ -139,17 +139,18 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "h-stripes", "
 
 def draw_shape(label: int, rng: random.Random, size: int = 64) -> Image.Image:
     """One image of class `label`: a shape or texture in a random colour, place and size, on a
-    random two-colour gradient background."""
+    random background with a faint gradient."""
     def colour():
         return tuple(rng.randint(0, 255) for _ in range(3))
 
-    top, bottom = np.array(colour(), np.float32), np.array(colour(), np.float32)
+    top = np.array(colour(), np.float32)
+    bottom = np.clip(top + np.array([rng.uniform(-40, 40) for _ in range(3)], np.float32), 0, 255)
     t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
     background = (top * (1 - t) + bottom * t).repeat(size, axis=1)
     img = Image.fromarray(background.astype(np.uint8), "RGB")
     d = ImageDraw.Draw(img)
     fg = colour()
-    r = rng.uniform(0.2, 0.4) * size
+    r = rng.uniform(0.25, 0.45) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     box = (cx - r, cy - r, cx + r, cy + r)
     name = SHAPE_CLASSES[label]
