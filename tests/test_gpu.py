@@ -98,10 +98,14 @@ def test_gather_scatter_cuda(dtype, D):
     src = torch.randn(B, K, D, device="cuda", dtype=dtype)
     assert torch.equal(torch.ops.mae_kernels.scatter_tokens(src, index, L),
                        ref.scatter_tokens(src, index, L))
-    # a misaligned view takes the narrow-vector path
+    # a strided view (copied to a contiguous buffer first)
     odd = x[:, :, 1:] if D > 1 else x
     assert torch.equal(torch.ops.mae_kernels.gather_tokens(odd, index),
                        ref.gather_tokens(odd.contiguous(), index))
+    # an odd byte offset into the storage: rows start unaligned, so narrower vectors are used
+    flat = torch.randn(B * L * D + 1, device="cuda", dtype=dtype)[1:].view(B, L, D)
+    assert torch.equal(torch.ops.mae_kernels.gather_tokens(flat, index),
+                       ref.gather_tokens(flat, index))
 
 
 def test_compile_fullgraph_cuda(gpu_backend):
