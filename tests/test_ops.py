@@ -61,6 +61,14 @@ def test_random_masking(cpu_backend, dtype, shape, ratio):
     assert torch.equal(ga, gb)
 
 
+def test_random_masking_wide_rows(cpu_backend):
+    """D spread over several programs and several tiles per program."""
+    x = torch.randn(2, 40, 300)
+    noise = torch.rand(2, 40)
+    got, want = mk.random_masking(x, 0.75, noise), ref.random_masking(x, 0.75, noise)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_random_masking_seeded_is_bitwise_reference(cpu_backend):
     x = torch.randn(4, 49, 16)
     torch.manual_seed(123)

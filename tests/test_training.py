@@ -137,7 +137,7 @@ def test_figure_log_and_visualize(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_on_gloo(tmp_path):
     torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
-    cmd = [*torchrun.split(), "--nproc_per_node=2", "--master_port=29533", "-m", "mae.cli",
+    cmd = [*torchrun.split(), "--standalone", "--nproc_per_node=2", "-m", "mae.cli",
            "pretrain", *TINY, "--epochs", "2", "--output-dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -1,8 +1,9 @@
 """random_masking in Triton: sort each noise row, write ids_restore / mask / ids_keep, and gather
 the kept tokens straight from x, in one kernel.
 
-Each program sorts one row (cheap next to the copy) and gathers one slice of D, so the grid has
-enough programs to fill the GPU. Keys pack the order-preserving bits of the float32 noise above
+Each program sorts one row and gathers one slice of D (up to COLUMNS_PER_PROGRAM columns, in
+tiles of BLOCK_D), so the grid has enough programs to fill the GPU while each sort is amortised
+over a few hundred columns. Keys pack the order-preserving bits of the float32 noise above
 the token index, so one unsigned sort is stable and orders negatives, zeros and NaN (last) as
 torch.argsort does. Rows longer than MAX_FUSED_L, or float64 noise (whose order float32 bits can
 not hold), sort with torch.sort and then gather with the row kernel.
@@ -17,7 +18,8 @@ from ..masking import masking_from_order
 from .rows import gather_rows_triton
 
 MAX_FUSED_L = 4096
-TILE_ELEMENTS = 8192  # (padded L) x BLOCK_D values gathered per program
+TILE_ELEMENTS = 8192  # (padded L) x BLOCK_D values gathered per tile
+COLUMNS_PER_PROGRAM = 256
 
 
 @triton.jit
@@ -32,7 +34,7 @@ def _sortable_bits(noise):
 @triton.jit
 def _random_masking_kernel(x_ptr, noise_ptr, out_ptr, mask_ptr, ids_restore_ptr, ids_keep_ptr,
                            L, K, D, stride_xb, stride_xl, stride_nb,
-                           BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     d_block = tl.program_id(1)
     pos = tl.arange(0, BLOCK_L)
@@ -50,12 +52,13 @@ def _random_masking_kernel(x_ptr, noise_ptr, out_ptr, mask_ptr, ids_restore_ptr,
                  mask=in_row)
         tl.store(ids_keep_ptr + b * K + pos, ids_shuffle, mask=keep)
 
-    cols = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    tile = keep[:, None] & (cols < D)[None, :]
-    values = tl.load(x_ptr + b * stride_xb + ids_shuffle[:, None] * stride_xl + cols[None, :],
-                     mask=tile)
-    out_rows = (b * K + pos).to(tl.int64)
-    tl.store(out_ptr + out_rows[:, None] * D + cols[None, :], values, mask=tile)
+    src_rows = x_ptr + b * stride_xb + ids_shuffle[:, None] * stride_xl
+    dst_rows = out_ptr + (b * K + pos).to(tl.int64)[:, None] * D
+    for tile_index in range(D_TILES):
+        cols = (d_block * D_TILES + tile_index) * BLOCK_D + tl.arange(0, BLOCK_D)
+        tile = keep[:, None] & (cols < D)[None, :]
+        values = tl.load(src_rows + cols[None, :], mask=tile)
+        tl.store(dst_rows + cols[None, :], values, mask=tile)
 
 
 def random_masking_triton(x: torch.Tensor, noise: torch.Tensor, len_keep: int,
@@ -76,9 +79,11 @@ def random_masking_triton(x: torch.Tensor, noise: torch.Tensor, len_keep: int,
         return out, mask, ids_restore, ids_keep
     block_l = triton.next_power_of_2(L)
     block_d = max(1, min(triton.next_power_of_2(max(D, 1)), TILE_ELEMENTS // block_l))
-    grid = (B, max(1, triton.cdiv(D, block_d)))
+    d_tiles = max(1, min(COLUMNS_PER_PROGRAM // block_d, triton.cdiv(D, block_d)))
+    grid = (B, max(1, triton.cdiv(D, block_d * d_tiles)))
     _random_masking_kernel[grid](
         x, noise, out, mask, ids_restore, ids_keep, L, len_keep, D,
         x.stride(0), x.stride(1), noise.stride(0), BLOCK_L=block_l, BLOCK_D=block_d,
+        D_TILES=d_tiles,
     )
     return out, mask, ids_restore, ids_keep
