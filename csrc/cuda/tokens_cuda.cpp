@@ -3,7 +3,7 @@
 #include "tokens_kernels.h"
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -23,7 +23,7 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x_in, const at::Tensor& index_in
   at::Tensor out = at::empty({B, K, D}, x.options());
   check_launch(launch_gather_rows(x.const_data_ptr(), index.const_data_ptr<int64_t>(),
                                   out.mutable_data_ptr(), B, L, K, D * x.element_size(),
-                                  at::cuda::getCurrentCUDAStream()),
+                                  c10::cuda::getCurrentCUDAStream()),
                "gather_tokens");
   return out;
 }
@@ -38,7 +38,7 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& src_in, const at::Tensor& index
   at::Tensor out = at::zeros({B, length, D}, src.options());
   check_launch(launch_scatter_rows(src.const_data_ptr(), index.const_data_ptr<int64_t>(),
                                    out.mutable_data_ptr(), B, K, length, D * src.element_size(),
-                                   at::cuda::getCurrentCUDAStream()),
+                                   c10::cuda::getCurrentCUDAStream()),
                "scatter_tokens");
   return out;
 }
