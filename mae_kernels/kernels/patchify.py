@@ -1,8 +1,9 @@
 """patchify / unpatchify in Triton: one pass each, one program per (image, pixel row).
 
-A pixel row y of image b holds, for every patch column j, row r = y % p of patch (y // p, j):
-read as C contiguous image rows, written as runs of p*C contiguous patch values. The same
-kernel runs both ways, so the two layouts can never drift apart.
+Pixel row y of image b holds row r = y % p of every patch (y // p, j): in the patch tensor, one
+run of p*C contiguous values per patch column j. Each program walks a (patch column, run) tile,
+so the patch side moves in whole 16-byte vectors and the image side reads whole sectors of C
+image rows. The same kernel runs both ways, so the two layouts cannot drift apart.
 """
 from __future__ import annotations
 
@@ -10,24 +11,23 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK = 4096
+TILE_ELEMENTS = 2048
 
 
 @triton.jit
-def _patch_rows_kernel(img_ptr, patches_ptr, H, W, C, p, grid_w, s_b, s_c, s_h, s_w,
-                       TO_PATCHES: tl.constexpr, BLOCK: tl.constexpr):
+def _patch_rows_kernel(img_ptr, patches_ptr, H, C, p, grid_w, s_b, s_c, s_h, s_w,
+                       TO_PATCHES: tl.constexpr, BLOCK_J: tl.constexpr, RUN: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b * H + y
-    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = n < W * C
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    n = tl.arange(0, RUN)  # (pixel col c, channel ch), channel fastest
     b, y = row // H, row % H
     i, r = y // p, y % p
-    # n enumerates (patch col j, pixel col c, channel ch) in patch-token order
-    j, c, ch = n // (p * C), (n // C) % p, n % C
-    L = (H // p) * grid_w
-    E = p * p * C
-    token = b * L + i * grid_w + j
-    patch_offset = token * E + (r * p + c) * C + ch
-    img_offset = b * s_b + ch * s_c + y * s_h + (j * p + c) * s_w
+    run_len = p * C
+    c, ch = n // C, n % C
+    valid = (j < grid_w)[:, None] & (n < run_len)[None, :]
+    token = b * ((H // p) * grid_w) + i * grid_w + j
+    patch_offset = (token * (p * run_len) + r * run_len)[:, None] + n[None, :]
+    img_offset = (b * s_b + y * s_h) + (ch * s_c)[None, :] + ((j * p)[:, None] + c[None, :]) * s_w
     if TO_PATCHES:
         tl.store(patches_ptr + patch_offset, tl.load(img_ptr + img_offset, mask=valid), mask=valid)
     else:
@@ -38,10 +38,12 @@ def _launch(img, patches, patch_size, to_patches: bool):
     B, C, H, W = img.shape
     if img.numel() == 0:
         return
-    block = min(MAX_BLOCK, triton.next_power_of_2(W * C))
-    grid = (B * H, triton.cdiv(W * C, block))
-    _patch_rows_kernel[grid](img, patches, H, W, C, patch_size, W // patch_size, *img.stride(),
-                             TO_PATCHES=to_patches, BLOCK=block)
+    grid_w = W // patch_size
+    run = triton.next_power_of_2(patch_size * C)
+    block_j = min(triton.next_power_of_2(grid_w), max(1, TILE_ELEMENTS // run))
+    grid = (B * H, triton.cdiv(grid_w, block_j))
+    _patch_rows_kernel[grid](img, patches, H, C, patch_size, grid_w, *img.stride(),
+                             TO_PATCHES=to_patches, BLOCK_J=block_j, RUN=run)
 
 
 def patchify_triton(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
