@@ -32,7 +32,7 @@ def test_every_kernel_compiles_for_sm90(report):
 
 @pytest.mark.parametrize("kernel", ["rows", "random_masking", "unshuffle", "unshuffle_backward",
                                     "patchify"])
-def test_token_copies_use_16_byte_accesses(report, kernel):
+def test_copies_use_16_byte_accesses(report, kernel):
     load, store = VECTOR
     assert load in report[kernel]["loads"] and store in report[kernel]["stores"]
 
