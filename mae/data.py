@@ -111,7 +111,8 @@ class ImageFolderDataset(Augmented):
             raise FileNotFoundError(f"--data-path {root} is not a directory")
         classes = sorted(d.name for d in base.iterdir() if d.is_dir())
         if classes:
-            self.samples = [(p, i) for i, c in enumerate(classes) for p in sorted((base / c).rglob("*"))
+            self.samples = [(p, i) for i, c in enumerate(classes)
+                            for p in sorted((base / c).rglob("*"))
                             if p.suffix.lower() in IMAGE_SUFFIXES]
         else:
             self.samples = [(p, 0) for p in sorted(base.iterdir())
@@ -129,7 +130,7 @@ class ImageFolderDataset(Augmented):
             with Image.open(path) as img:
                 return img.convert("RGB"), label
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            warnings.warn(f"skipping unreadable image {path}: {exc}", RuntimeWarning)
+            warnings.warn(f"skipping unreadable image {path}: {exc}", RuntimeWarning, stacklevel=2)
             return None, label
 
 

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-import mae_kernels as mk
 from mae import MaskedAutoencoderViT, interpolate_pos_embed, mae_vit_tiny_patch16
 from mae import models as mae_models
 

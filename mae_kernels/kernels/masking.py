@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from ..masking import masking_from_order
-from .rows import gather_rows_triton
 
 MAX_FUSED_L = 4096
 TILE_ELEMENTS = 8192  # (padded L) x BLOCK_D values gathered per tile
