@@ -63,7 +63,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
     loss_sum = torch.zeros((), device=device)
     window_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    seen = window_seen = skipped = 0
+    seen = window_steps = window_seen = skipped = 0
     window_start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, (imgs, _, n_skipped) in enumerate(bar):
@@ -92,17 +92,17 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
             loss_sum += loss
             window_sum += loss
             seen += 1
+            window_steps += 1
             window_seen += imgs.shape[0]
         if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
-            bad = int(first_bad)
+            bad = int(distributed.all_reduce_max(first_bad))  # every rank stops together
             if bad >= 0:
                 raise NonFiniteLossError(
                     f"non-finite loss at step {bad} (epoch {epoch}, iteration "
                     f"{bad - epoch * steps_per_epoch}); stopping. Checkpoints already written "
                     f"in {args.output_dir} are intact."
                 )
-            n_iter = max(1, min(args.log_every, (i % args.log_every) + 1))
-            window_loss = float(distributed.all_reduce_mean(window_sum / n_iter))
+            window_loss = float(distributed.all_reduce_mean(window_sum / max(window_steps, 1)))
             elapsed = time.perf_counter() - window_start
             images_per_sec = window_seen * args.world_size / max(elapsed, 1e-9)
             current_lr = optimizer.param_groups[0]["lr"]
@@ -111,7 +111,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
             log.write(kind="step", epoch=epoch, step=iteration, loss=window_loss, lr=current_lr,
                       images_per_sec=images_per_sec)
             window_sum.zero_()
-            window_seen = 0
+            window_steps = window_seen = 0
             window_start = time.perf_counter()
     mean_loss = float(distributed.all_reduce_mean(loss_sum / max(seen, 1)))
     return mean_loss, skipped
