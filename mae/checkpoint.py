@@ -3,12 +3,10 @@ disk, then renamed over the old one, so a kill mid-write leaves the previous che
 from __future__ import annotations
 
 import os
-import random
 import re
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth$")
@@ -33,22 +31,6 @@ def atomic_save(obj, path) -> Path:
     finally:
         os.close(dir_fd)
     return path
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def latest_checkpoint(output_dir) -> Path | None:

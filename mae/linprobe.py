@@ -9,10 +9,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
 from .data import build_dataset, collate_skipping
 from .optim import lr_at, set_lr
-from .pretrain import build_model
+from .pretrain import model_from_checkpoint
 
 
 @torch.no_grad()
@@ -32,11 +31,8 @@ def extract_features(model, dataset, device, batch_size: int, global_pool: bool,
 
 def linprobe(args) -> dict:
     device = torch.device(args.device)
-    state = load_checkpoint(args.checkpoint)
-    config = dict(state["args"])
-    model = build_model(config).to(device)
-    if not args.random_init:
-        model.load_state_dict(state["model"])
+    model, config = model_from_checkpoint(args.checkpoint, load_weights=not args.random_init)
+    model = model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     size = config["input_size"]

@@ -36,6 +36,16 @@ def build_model(config: dict):
     return MODELS[config["model"]](**kwargs)
 
 
+def model_from_checkpoint(path, load_weights: bool = True):
+    """(model, saved arguments) of a `mae pretrain` checkpoint; random weights if told so."""
+    state = load_checkpoint(path)
+    config = dict(state["args"])
+    model = build_model(config)
+    if load_weights:
+        model.load_state_dict(state["model"])
+    return model, config
+
+
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     # Re-seeding per epoch makes the masking noise a function of (seed, epoch, rank), so a
     # resumed run draws exactly what an uninterrupted one would, on every rank.

@@ -4,17 +4,13 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint
 from .data import center_resize, to_tensor
 from .figures import save_reconstruction_figure
-from .pretrain import build_model
+from .pretrain import model_from_checkpoint
 
 
 def visualize(args):
-    state = load_checkpoint(args.checkpoint)
-    config = dict(state["args"])
-    model = build_model(config)
-    model.load_state_dict(state["model"])
+    model, config = model_from_checkpoint(args.checkpoint)
     size = config["input_size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
     try:

@@ -14,7 +14,8 @@ from .masking import inverse_permutation
 from .tokens import gather_rows
 
 
-def _result_dtype(x, mask_token, pos_embed) -> torch.dtype:
+def result_dtype(x, mask_token, pos_embed) -> torch.dtype:
+    """The dtype of the reference's cat + gather + add: the promotion of the inputs'."""
     dtype = torch.promote_types(x.dtype, mask_token.dtype)
     return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
 
@@ -28,7 +29,7 @@ def _unshuffle_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
         return unshuffle_triton(x, mask_token, ids_restore, num_prefix_tokens, pos_embed)
     P = num_prefix_tokens
     B, K = x.shape[0], x.shape[1] - P
-    dtype = _result_dtype(x, mask_token, pos_embed)
+    dtype = result_dtype(x, mask_token, pos_embed)
     # Every removed position reads the one mask-token row appended after the kept tokens.
     sources = torch.cat([x[:, P:].to(dtype), mask_token.to(dtype).expand(B, 1, -1)], dim=1)
     body = gather_rows(sources, ids_restore.clamp(max=K))
@@ -41,7 +42,7 @@ def _unshuffle_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
 @_unshuffle_op.register_fake
 def _(x, mask_token, ids_restore, num_prefix_tokens, pos_embed):
     B, L = ids_restore.shape
-    dtype = _result_dtype(x, mask_token, pos_embed)
+    dtype = result_dtype(x, mask_token, pos_embed)
     return x.new_empty(B, num_prefix_tokens + L, x.shape[2], dtype=dtype)
 
 

@@ -26,6 +26,15 @@ def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
 
 
+def assert_same_grads(got: torch.nn.Module, want: torch.nn.Module, rtol=1e-4, atol=1e-6):
+    """The same parameters received gradients in both models, and the gradients agree."""
+    got_grads = {n: p.grad for n, p in got.named_parameters() if p.grad is not None}
+    want_grads = {n: p.grad for n, p in want.named_parameters() if p.grad is not None}
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=rtol, atol=atol, msg=name)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

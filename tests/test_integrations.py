@@ -14,7 +14,7 @@ from mae_kernels.integrations import (
 transformers = pytest.importorskip("transformers")
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
 
-from .conftest import HAS_CUDA  # noqa: E402
+from .conftest import HAS_CUDA, assert_same_grads  # noqa: E402
 
 
 def hf_config(**kwargs):
@@ -33,10 +33,6 @@ def twin(model_cls, config):
     return a, b
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_patched_hf_matches_unpatched(cpu_backend, norm_pix_loss):
     plain, fused = twin(ViTMAEForPreTraining, hf_config(norm_pix_loss=norm_pix_loss))
@@ -49,11 +45,7 @@ def test_patched_hf_matches_unpatched(cpu_backend, norm_pix_loss):
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     want.loss.backward()
     got.loss.backward()
-    want_grads, got_grads = _grads(plain), _grads(fused)
-    assert want_grads.keys() == got_grads.keys()
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6,
-                                   msg=name)
+    assert_same_grads(fused, plain)
 
 
 def test_patched_hf_seeded_without_noise():
@@ -209,8 +201,7 @@ def test_patched_official_matches_unpatched(cpu_backend, norm_pix_loss):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     want[0].backward()
     got[0].backward()
-    for name, grad in _grads(plain).items():
-        torch.testing.assert_close(_grads(fused)[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_grads(fused, plain)
     assert torch.equal(fused.unpatchify(fused.patchify(imgs)), imgs)
     unpatch_official_mae(fused)
     assert "forward_loss" not in vars(fused)

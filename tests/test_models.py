@@ -6,7 +6,7 @@ import torch
 from mae import MaskedAutoencoderViT, interpolate_pos_embed, mae_vit_tiny_patch16
 from mae import models as mae_models
 
-from .conftest import HAS_CUDA
+from .conftest import HAS_CUDA, assert_same_grads
 
 
 def small(**kwargs):
@@ -97,10 +97,7 @@ def test_kernels_match_reference(cpu_backend, norm_pix_loss, img_size):
     torch.testing.assert_close(pred_f, pred_p, rtol=1e-4, atol=1e-5)
     loss_f.backward()
     loss_p.backward()
-    for (name, pf), pp in zip(fused.named_parameters(), plain.parameters()):
-        assert (pf.grad is None) == (pp.grad is None), name
-        if pf.grad is not None:
-            torch.testing.assert_close(pf.grad, pp.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_grads(fused, plain)
 
 
 def test_seeded_forward_without_noise_matches_reference():

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..unshuffle import result_dtype
+
 BLOCK_T = 16
 BLOCK_D = 128
 BATCH_CHUNK = 32  # batches each backward program sums over when reductions are needed
@@ -91,9 +93,8 @@ def unshuffle_triton(x, mask_token, ids_restore, num_prefix_tokens, pos_embed):
     B, L = ids_restore.shape
     D = x.shape[2]
     K = x.shape[1] - P
-    dtype = torch.promote_types(x.dtype, mask_token.dtype)
+    dtype = result_dtype(x, mask_token, pos_embed)
     if pos_embed is not None:
-        dtype = torch.promote_types(dtype, pos_embed.dtype)
         pos_embed = pos_embed.contiguous()
     if x.stride(2) != 1:
         x = x.contiguous()
