@@ -1,66 +1,73 @@
-"""Builds mae_kernels._C against the torch already installed (use --no-build-isolation).
+"""Builds mae_kernels._C against the installed torch when the build can see it.
 
-CPU sources always; the CUDA sources too when torch has CUDA and nvcc is found.
-MAE_KERNELS_FORCE_CUDA=1 / MAE_KERNELS_NO_CUDA=1 override the detection.
+`pip install --no-build-isolation -e .` (torch already installed): compiles the extension now,
+CPU kernels always, CUDA kernels too when torch has CUDA and nvcc is found (CUDA_HOME).
+`pip install -e .` (build isolation hides the installed torch): ships the C++ sources only;
+`import mae_kernels` compiles them on first use against the torch that runs, and caches the
+result (mae_kernels/_extension.py). Either way a library built for another torch is never loaded.
 """
-import os
+import importlib.util
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-try:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError:
-    sys.exit(
-        "mae-kernels builds against the installed torch: install torch first "
-        "(pip install torch==2.13.0), then: pip install --no-build-isolation -e ."
-    )
-
 ROOT = Path(__file__).parent
 
 
-def want_cuda() -> bool:
-    if os.environ.get("MAE_KERNELS_NO_CUDA") == "1":
-        return False
-    if os.environ.get("MAE_KERNELS_FORCE_CUDA") == "1":
-        return True
-    return torch.version.cuda is not None and CUDA_HOME is not None
+def extensions():
+    if importlib.util.find_spec("torch") is None:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    # The same sources and flags as the build on import: load mae_kernels/_extension.py by path,
+    # since importing the package would try to load the extension being built.
+    spec = importlib.util.spec_from_file_location("_extension", ROOT / "mae_kernels/_extension.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    csrc = Path("mae_kernels/csrc")
+    sources = [str(csrc / s) for s in ext.CPU_SOURCES]
+    flags = ext.build_flags()
+    kind = CppExtension
+    if ext.want_cuda():
+        sources += [str(csrc / s) for s in ext.CUDA_SOURCES]
+        kind = CUDAExtension
+    module = kind("mae_kernels._C", sources, include_dirs=[str(ROOT / csrc)],
+                  extra_compile_args=flags if kind is CUDAExtension else {"cxx": flags["cxx"]},
+                  py_limited_api=True)
+    return [module], {"build_ext": BuildExtension}
 
 
-def extension():
-    cpu_sources = ["csrc/ops.cpp", "csrc/python_module.cpp"]
-    cxx_flags = ["-O3", "-std=c++17"]
-    if not want_cuda():
-        return CppExtension("mae_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
-    return CUDAExtension(
-        "mae_kernels._C",
-        cpu_sources + ["csrc/cuda/tokens_cuda.cpp", "csrc/cuda/tokens_kernels.cu"],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-    )
-
+ext_modules, cmdclass = extensions()
+if not ext_modules:
+    print("mae-kernels: torch is not visible to this build (build isolation): the C++ "
+          "extension will be compiled on first import. To build it now: "
+          "pip install --no-build-isolation -e .", file=sys.stderr)
 
 setup(
     name="mae-kernels",
     version="0.1.0",
     description="Fused Triton and C++/CUDA kernels for Masked Autoencoder pre-training",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mae_kernels", "mae_kernels.*", "mae", "mae.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    package_data={"mae_kernels": ["csrc/*.cpp", "csrc/*.h", "csrc/cuda/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.11",
+        # torch pins its own triton on Linux (2.11: 3.6, 2.14: 3.8); any of 3.6-3.9 works.
+        "triton>=3.6; platform_system == 'Linux'",
+        "ninja",  # the build on import
         "numpy",
         "tqdm",
         "pillow",
         "matplotlib",
     ],
     extras_require={
-        "triton": ["triton>=3.2"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
     },
     entry_points={"console_scripts": ["mae=mae.cli:main"]},
 )

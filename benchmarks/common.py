@@ -20,7 +20,7 @@ def tensor_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write), measured once per run."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
@@ -51,14 +51,27 @@ def rotated(make_inputs, bytes_per_set: int) -> list:
     return [make_inputs() for _ in range(min(copies, 64))]
 
 
+def kernel_launches(fn, inputs) -> int:
+    """The GPU kernels one call of `fn(*inputs)` launches (after a warm-up), by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(*inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*inputs)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def run_case(benchmark, fn, make_inputs, bytes_moved: int, **info):
-    """Time `fn(*inputs)`: CUDA events on a GPU (recorded in extra_info), pytest-benchmark's own
-    timer on CPU. Either way pytest-benchmark keeps the JSON record."""
+    """Time `fn(*inputs)`: CUDA events on a GPU (recorded in extra_info, with the kernel launch
+    count), pytest-benchmark's own timer on CPU. Either way pytest-benchmark keeps the JSON."""
     benchmark.extra_info.update(info, bytes=bytes_moved)
     inputs = make_inputs()
     if not CUDA or benchmark.disabled:
         benchmark(fn, *inputs)
         return
+    benchmark.extra_info["launches"] = kernel_launches(fn, inputs)
     sets = rotated(make_inputs, sum(tensor_bytes(t) for t in inputs
                                     if isinstance(t, torch.Tensor)))
     ms = cuda_median_ms(fn, sets)

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).parent
 TIMING_KEYS = {"impl", "variant", "bytes", "cuda_median_ms", "gb_per_s", "floor_ms", "floor_ratio",
-               "copy_gb_per_s", "images_per_sec", "peak_memory_gib"}
+               "copy_gb_per_s", "images_per_sec", "peak_memory_gib", "launches"}
 
 
 def milliseconds(bench: dict) -> float:
@@ -46,8 +46,8 @@ def op_table(benches: list[dict]) -> tuple[list[str], dict]:
     for b in benches:
         info = b["extra_info"]
         by_case[case_label(info)][info["impl"]] = b
-    lines = ["| case | impl | median ms | GB/s | x floor | vs eager | vs compiled |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| case | impl | median ms | GB/s | x floor | launches | vs eager | vs compiled |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     chart = {}
     for case, impls in by_case.items():
         eager = milliseconds(impls["reference"]) if "reference" in impls else None
@@ -56,7 +56,8 @@ def op_table(benches: list[dict]) -> tuple[list[str], dict]:
             info, ms = b["extra_info"], milliseconds(b)
             gbs = f"{info['gb_per_s']:.0f}" if "gb_per_s" in info else "-"
             floor = f"{info['floor_ratio']:.2f}" if "floor_ratio" in info else "-"
-            lines.append(f"| {case} | {impl} | {ms:.3f} | {gbs} | {floor} | "
+            launches = info.get("launches", "-")
+            lines.append(f"| {case} | {impl} | {ms:.3f} | {gbs} | {floor} | {launches} | "
                          f"{_speedup(eager, ms)} | {_speedup(compiled, ms)} |")
             chart.setdefault(case, {})[impl] = ms
     return lines, chart

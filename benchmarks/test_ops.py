@@ -11,7 +11,6 @@ import torch
 
 import mae_kernels
 from mae_kernels import reference
-from mae_kernels.backend import EXTENSION_DEVICES, HAS_TRITON
 
 from .common import CUDA, run_case, tensor_bytes
 
@@ -21,18 +20,16 @@ if CUDA:
     DECODER = [(B, 196, 512) for B in (64, 256)]
     IMAGES = [64, 256]
     DTYPES = [torch.float32, torch.bfloat16]
-    IMPLS = ["reference", "compiled"] + (["triton"] if HAS_TRITON else []) + (
-        ["cuda"] if "cuda" in EXTENSION_DEVICES else [])
 else:
     ENCODER = [(64, 196, 768)]
     DECODER = [(8, 196, 512)]
     IMAGES = [8]
     DTYPES = [torch.float32]
-    IMPLS = ["reference", "compiled"] + (["cpp"] if "cpu" in EXTENSION_DEVICES else [])
+# "ours" is what the dispatcher runs for the device: the Triton kernels on CUDA (the extension's
+# CUDA kernels for gather/scatter), the CPU kernels (PyTorch + the C++ extension) on CPU.
+IMPLS = ["reference", "compiled", "ours"]
 RATIO = 0.75
 PATCH = 16
-# ops with no extension path run the reference under the cpp/cuda backend: not worth a row
-EXTENSION_OPS = {"random_masking", "unshuffle", "gather_tokens", "scatter_tokens"}
 
 
 def implementation(impl: str, name: str):
@@ -44,15 +41,13 @@ def implementation(impl: str, name: str):
 
     def call(*args, **kwargs):
         # the model calls the ops with index checks off (its indices come from random_masking)
-        with mae_kernels.use_backend(impl), mae_kernels.skip_index_checks():
+        with mae_kernels.skip_index_checks():
             return public(*args, **kwargs)
 
     return call
 
 
 def _select(benchmark, impl, name):
-    if impl in ("cpp", "cuda") and name not in EXTENSION_OPS:
-        pytest.skip(f"{name} has no extension kernel")
     if impl == "compiled" and not CUDA and benchmark.disabled:
         pytest.skip("compiling on CPU is too slow for the smoke run")
     benchmark.group = f"{name}"
@@ -180,8 +175,6 @@ def test_patchify(benchmark, impl, B, dtype, backward):
 @token_cases(ENCODER)
 @pytest.mark.parametrize("name", ["gather_tokens", "scatter_tokens"])
 def test_gather_scatter(benchmark, name, impl, shape, dtype, backward):
-    if impl == "triton":
-        pytest.skip("gather/scatter are the extension's primitives")
     op = _select(benchmark, impl, name)
     B, L, D = shape
     K = int(L * (1 - RATIO))

@@ -27,10 +27,8 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None)
     pred = pred.float()
     p = model.patch_size
     if model.norm_pix_loss:  # pred is in per-patch normalised units: undo with the target's stats
-        target = reference.patchify(imgs.float(), p)
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1.0e-6).sqrt() + mean
+        mean, std = reference.norm_pix_stats(reference.patchify(imgs.float(), p))
+        pred = pred * std + mean
     recon = reference.unpatchify(pred, p, model.grid_size, model.in_chans)
     removed = reference.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, pred.shape[-1]),
                                    p, model.grid_size, model.in_chans)

@@ -102,7 +102,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False,
+                 mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),  # noqa: B008 (official)
+                 norm_pix_loss=False,
                  use_kernels=True):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)

@@ -128,8 +128,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
 
 
 def pretrain(args) -> dict:
-    device = torch.device(args.device)
-    rank, world_size = distributed.init(device.type)
+    rank, world_size, device = distributed.init(args.device)
     args.world_size = world_size
     main = rank == 0
     output_dir = Path(args.output_dir)
@@ -169,7 +168,7 @@ def pretrain(args) -> dict:
     train_model = torch.compile(model) if args.compile else model
     if world_size > 1:
         train_model = DistributedDataParallel(
-            train_model, device_ids=[device.index or 0] if device.type == "cuda" else None
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
     preview = build_dataset(args.data_path, args.input_size, "val", augment=False, length=4)

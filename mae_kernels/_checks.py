@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 
 import torch
@@ -53,9 +54,15 @@ def integer(name: str, value, minimum: int) -> int:
     return value
 
 
+def _checking(index: torch.Tensor) -> bool:
+    """Data-dependent checks run in eager mode unless the caller opted out."""
+    return not (index.numel() == 0 or getattr(_state, "skip", False)
+                or torch.compiler.is_compiling())
+
+
 def index_range(name: str, index: torch.Tensor, upper: int) -> None:
-    """Every entry of `index` lies in [0, upper); skipped while compiling or when told to."""
-    if index.numel() == 0 or getattr(_state, "skip", False) or torch.compiler.is_compiling():
+    """Every entry of `index` lies in [0, upper)."""
+    if not _checking(index):
         return
     lo, hi = torch.aminmax(index)
     lo, hi = int(lo), int(hi)
@@ -72,3 +79,29 @@ def patch_grid(name: str, imgs: torch.Tensor, patch_size: int) -> tuple[int, int
             f"patch_size {patch_size} does not divide the size of {name} ({H}x{W})"
         )
     return H // patch_size, W // patch_size
+
+
+def distinct(name: str, index: torch.Tensor, upper: int) -> None:
+    """No row of `index` (entries in [0, upper)) repeats a position."""
+    if not _checking(index):
+        return
+    counts = torch.zeros(index.shape[0], upper, dtype=torch.int32, device=index.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
+    row = int(counts.amax(dim=1).argmax())
+    if int(counts[row].max()) > 1:
+        position = int(counts[row].argmax())
+        raise ValueError(f"{name} repeats position {position} in row {row}: its rows must hold "
+                         "distinct positions")
+
+
+def permutation(name: str, index: torch.Tensor) -> None:
+    """Every row of `index` is a permutation of 0..L-1."""
+    index_range(name, index, index.shape[1])
+    distinct(name, index, index.shape[1])
+
+
+def real_number(name: str, value) -> float:
+    """A Python or NumPy real number (not a bool), as the official code accepts."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)

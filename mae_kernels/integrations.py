@@ -18,8 +18,8 @@ import torch
 from . import masking
 from ._checks import skip_index_checks
 from .loss import mae_loss
-from .patchify import patchify, unpatchify
-from .unshuffle import unshuffle
+from .patches import patchify, unpatchify
+from .unshuffling import unshuffle
 
 _PATCHED = "_mae_kernels_patched"
 

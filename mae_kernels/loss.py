@@ -1,76 +1,147 @@
-"""mae_loss: the official `forward_loss` (optionally norm-pix) as one op, accumulated in float32."""
+"""mae_loss: the official `forward_loss` (optionally norm-pix) as one op, accumulated in float32
+(float64 for float64 inputs).
+
+Triton (CUDA): reads the image directly (no patchify tensor), normalises each removed patch on
+the fly (mean, unbiased variance), reads `pred` only where the mask is non-zero and reduces per
+program; the backward recomputes the targets and writes grad_pred in one pass.
+CPU: the reference forward, and its gradient in closed form.
+"""
 from __future__ import annotations
 
 import torch
+from torch.library import wrap_triton
 
 from . import _checks, reference
-from .backend import REFERENCE, TRITON, resolve
+from ._library import USE_REFERENCE, device_op, tl, triton
 
-_EPS = 1.0e-6
-
-
-def _use_triton(imgs: torch.Tensor, pred: torch.Tensor) -> bool:
-    if resolve(imgs.device, has_extension_path=False) != TRITON:
-        return False
-    if accumulation_dtype(imgs, pred) == torch.float64:
-        return False
-    from .kernels.loss import supported
-
-    return supported(pred)
+TILE_ELEMENTS = 4096  # patches x padded patch values per program
+MAX_PATCH_ELEMENTS = 16384
 
 
-def accumulation_dtype(imgs: torch.Tensor, pred: torch.Tensor) -> torch.dtype:
-    """float32, or float64 when an input is float64 (as gradcheck needs)."""
-    return torch.promote_types(torch.float32, torch.promote_types(imgs.dtype, pred.dtype))
+@triton.jit
+def _patch_errors(imgs_ptr, pred_ptr, mask_ptr, pid, n_patches, L, grid_w,
+                  s_ib, s_ic, s_ih, s_iw, E, C, p,
+                  NORM: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_E: tl.constexpr):
+    """(pred - target) for BLOCK_N patches, with their mask weights; zero where the weight is 0."""
+    acc_type = tl.float64 if F64 else tl.float32
+    n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.arange(0, BLOCK_E)
+    weight = tl.load(mask_ptr + n, mask=n < n_patches, other=0.0).to(acc_type)
+    active = weight != 0.0
+    valid_e = e < E
+    tile = active[:, None] & valid_e[None, :]
+    # patch n = (b, row i, col j); value e = (pixel row r, pixel col c, channel ch), ch fastest
+    b, token = n // L, n % L
+    i, j = token // grid_w, token % grid_w
+    r, c, ch = e // (p * C), (e // C) % p, e % C
+    pixel = (b * s_ib + (i * p) * s_ih + (j * p) * s_iw)[:, None] \
+        + (ch * s_ic + r * s_ih + c * s_iw)[None, :]
+    target = tl.load(imgs_ptr + pixel, mask=tile, other=0.0).to(acc_type)
+    if NORM:
+        mean = tl.sum(target, axis=1) / E
+        centred = tl.where(tile, target - mean[:, None], 0.0)
+        var = tl.sum(centred * centred, axis=1) / (E - 1)
+        target = centred / tl.sqrt(var + 1.0e-6)[:, None]
+    pred = tl.load(pred_ptr + n[:, None] * E + e[None, :], mask=tile, other=0.0).to(acc_type)
+    return tl.where(tile, pred - target, 0.0), weight, n, e, valid_e
 
 
-def _targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
-             dtype: torch.dtype) -> torch.Tensor:
-    target = reference.patchify(imgs, patch_size).to(dtype)
-    if norm_pix_loss:
-        var, mean = torch.var_mean(target, dim=-1, keepdim=True)
-        target = (target - mean) / (var + _EPS).sqrt()
-    return target
+@triton.jit
+def _loss_forward_kernel(imgs_ptr, pred_ptr, mask_ptr, num_ptr, den_ptr, n_patches, L, grid_w,
+                         s_ib, s_ic, s_ih, s_iw, E, C, p, NORM: tl.constexpr, F64: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    diff, weight, _, _, _ = _patch_errors(imgs_ptr, pred_ptr, mask_ptr, pid, n_patches, L,
+                                          grid_w, s_ib, s_ic, s_ih, s_iw, E, C, p,
+                                          NORM, F64, BLOCK_N, BLOCK_E)
+    per_patch = tl.sum(diff * diff, axis=1) / E
+    tl.store(num_ptr + pid, tl.sum(per_patch * weight, axis=0))
+    tl.store(den_ptr + pid, tl.sum(weight, axis=0))
 
 
-@torch.library.custom_op("mae_kernels::mae_loss", mutates_args=())
-def _mae_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                 norm_pix_loss: bool) -> torch.Tensor:
-    if _use_triton(imgs, pred):
-        from .kernels.loss import mae_loss_triton
-
-        return mae_loss_triton(imgs, pred, mask, patch_size, norm_pix_loss)
-    dtype = accumulation_dtype(imgs, pred)
-    target = _targets(imgs, patch_size, norm_pix_loss, dtype)
-    per_patch = (pred.to(dtype) - target).square().mean(dim=-1)
-    mask = mask.to(dtype)
-    return (per_patch * mask).sum() / mask.sum()
-
-
-@_mae_loss_op.register_fake
-def _(imgs, pred, mask, patch_size, norm_pix_loss):
-    return pred.new_empty((), dtype=accumulation_dtype(imgs, pred))
+@triton.jit
+def _loss_backward_kernel(imgs_ptr, pred_ptr, mask_ptr, scale_ptr, grad_pred_ptr, n_patches, L,
+                          grid_w, s_ib, s_ic, s_ih, s_iw, E, C, p, NORM: tl.constexpr,
+                          F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    diff, weight, n, e, valid_e = _patch_errors(imgs_ptr, pred_ptr, mask_ptr, tl.program_id(0),
+                                                n_patches, L, grid_w, s_ib, s_ic, s_ih, s_iw,
+                                                E, C, p, NORM, F64, BLOCK_N, BLOCK_E)
+    scale = tl.load(scale_ptr)  # grad_out * 2 / (E * mask.sum())
+    grad = diff * (weight * scale)[:, None]
+    tl.store(grad_pred_ptr + n[:, None] * E + e[None, :], grad.to(grad_pred_ptr.dtype.element_ty),
+             mask=(n < n_patches)[:, None] & valid_e[None, :])
 
 
-@torch.library.custom_op("mae_kernels::mae_loss_backward", mutates_args=())
-def _mae_loss_backward_op(grad: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
-                          mask: torch.Tensor, patch_size: int,
-                          norm_pix_loss: bool) -> torch.Tensor:
-    """d loss / d pred, in pred's dtype; zeros on kept patches."""
-    if _use_triton(imgs, pred):
-        from .kernels.loss import mae_loss_backward_triton
+def _blocks(pred: torch.Tensor) -> tuple[int, int, int]:
+    """(patches per program, padded patch length, programs)."""
+    n_patches, E = pred.shape[0] * pred.shape[1], pred.shape[2]
+    block_e = triton.next_power_of_2(E)
+    block_n = max(1, min(TILE_ELEMENTS // block_e, triton.next_power_of_2(max(n_patches, 1))))
+    return block_n, block_e, triton.cdiv(n_patches, block_n)
 
-        return mae_loss_backward_triton(grad, imgs, pred, mask, patch_size, norm_pix_loss)
-    dtype = accumulation_dtype(imgs, pred)
-    target = _targets(imgs, patch_size, norm_pix_loss, dtype)
+
+def _launch(kernel, imgs, pred, mask, patch_size, norm_pix_loss, *outputs):
+    block_n, block_e, programs = _blocks(pred)
+    if programs == 0:
+        return
+    B, C, H, W = imgs.shape
+    L, E = pred.shape[1], pred.shape[2]
+    f64 = reference.loss_dtype(imgs, pred) == torch.float64
+    with torch.cuda.device_of(pred):
+        wrap_triton(kernel)[(programs,)](
+            imgs, pred, mask, *outputs, B * L, L, W // patch_size, *imgs.stride(), E, C,
+            patch_size, NORM=norm_pix_loss, F64=f64, BLOCK_N=block_n, BLOCK_E=block_e,
+        )
+
+
+def _mae_loss_torch(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                    norm_pix_loss: bool) -> torch.Tensor:
+    return reference.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+
+
+def _mae_loss_triton(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                     patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+    if triton.next_power_of_2(pred.shape[-1]) > MAX_PATCH_ELEMENTS:
+        return _mae_loss_torch(imgs, pred, mask, patch_size, norm_pix_loss)
+    pred, mask = pred.contiguous(), mask.contiguous()
+    programs = _blocks(pred)[2]
+    acc = dict(dtype=reference.loss_dtype(imgs, pred), device=pred.device)
+    num, den = torch.zeros(programs, **acc), torch.zeros(programs, **acc)
+    _launch(_loss_forward_kernel, imgs, pred, mask, patch_size, norm_pix_loss, num, den)
+    return num.sum() / den.sum()
+
+
+mae_loss_op = device_op("mae_loss", _mae_loss_triton, _mae_loss_torch)
+
+
+def _mae_loss_backward_torch(grad: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
+                             mask: torch.Tensor, patch_size: int,
+                             norm_pix_loss: bool) -> torch.Tensor:
+    """d loss / d pred, in pred's dtype and layout (contiguous); zeros on kept patches."""
+    dtype = reference.loss_dtype(imgs, pred)
+    target = reference.loss_targets(imgs, patch_size, norm_pix_loss, dtype)
     mask = mask.to(dtype)
     scale = grad.to(dtype) * 2.0 / (mask.sum() * pred.shape[-1])
-    return ((pred.to(dtype) - target) * (mask * scale).unsqueeze(-1)).to(pred.dtype)
+    grad_pred = (pred.to(dtype) - target) * (mask * scale).unsqueeze(-1)
+    return grad_pred.to(pred.dtype).contiguous()
 
 
-@_mae_loss_backward_op.register_fake
-def _(grad, imgs, pred, mask, patch_size, norm_pix_loss):
-    return torch.empty_like(pred)
+def _mae_loss_backward_triton(grad: torch.Tensor, imgs: torch.Tensor, pred: torch.Tensor,
+                              mask: torch.Tensor, patch_size: int,
+                              norm_pix_loss: bool) -> torch.Tensor:
+    if triton.next_power_of_2(pred.shape[-1]) > MAX_PATCH_ELEMENTS:
+        return _mae_loss_backward_torch(grad, imgs, pred, mask, patch_size, norm_pix_loss)
+    pred, mask = pred.contiguous(), mask.contiguous()
+    dtype = reference.loss_dtype(imgs, pred)
+    grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    scale = (grad.to(dtype) * 2.0 / (mask.to(dtype).sum() * pred.shape[-1])).reshape(1)
+    _launch(_loss_backward_kernel, imgs, pred, mask, patch_size, norm_pix_loss, scale, grad_pred)
+    return grad_pred
+
+
+mae_loss_backward_op = device_op("mae_loss_backward", _mae_loss_backward_triton,
+                                 _mae_loss_backward_torch)
 
 
 def _setup(ctx, inputs, output):
@@ -82,11 +153,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     imgs, pred, mask = ctx.saved_tensors
-    grad_pred = _mae_loss_backward_op(grad, imgs, pred, mask, ctx.patch_size, ctx.norm_pix_loss)
+    grad_pred = mae_loss_backward_op(grad, imgs, pred, mask, ctx.patch_size, ctx.norm_pix_loss)
     return None, grad_pred, None, None, None
 
 
-_mae_loss_op.register_autograd(_backward, setup_context=_setup)
+mae_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
@@ -112,6 +183,6 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
         raise ValueError(f"pred must have shape {expected} for these imgs, got {tuple(pred.shape)}")
     if tuple(mask.shape) != expected[:2]:
         raise ValueError(f"mask must have shape {expected[:2]}, got {tuple(mask.shape)}")
-    if resolve(imgs.device, has_extension_path=False) == REFERENCE:
+    if USE_REFERENCE:
         return reference.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss)
-    return _mae_loss_op(imgs, pred, mask, patch_size, norm_pix_loss)
+    return mae_loss_op(imgs, pred, mask, patch_size, norm_pix_loss)

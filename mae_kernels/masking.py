@@ -1,65 +1,116 @@
-"""random_masking: per-sample random masking by a stable argsort of noise (the official MAE method).
+"""random_masking: per-sample random masking by a stable argsort of noise (the official method).
 
-The custom op also returns `ids_keep` (the kept positions, in keep order), which its backward
-uses to scatter the gradient back without a second sort.
+The op also returns `ids_keep` (the kept positions, in keep order); its backward scatters the
+gradient back through it with the extension's `scatter_tokens`, without a second sort.
+
+Triton (CUDA): one kernel sorts each noise row, writes ids_restore / mask / ids_keep and gathers
+the kept tokens straight from x. Each program sorts one row and gathers one slice of D (up to
+COLUMNS_PER_PROGRAM columns, in tiles of BLOCK_D), so the grid fills the GPU while each sort is
+amortised over a few hundred columns. Keys pack the order-preserving bits of the float32 noise
+above the token index, so one unsigned sort is stable and orders negatives, zeros and NaN (last)
+as torch.argsort does. Rows longer than MAX_FUSED_L, or noise whose order float32 cannot hold
+(float64, integers), sort with torch.sort and gather with the extension.
+CPU: torch.sort, then the extension's gather.
 """
 from __future__ import annotations
 
 import torch
+from torch.library import wrap_triton
 
 from . import _checks, reference
-from .backend import REFERENCE, TRITON, resolve
-from .tokens import gather_rows, scatter_rows
+from ._library import USE_REFERENCE, device_op, tl, triton
+from .tokens import gather_op, scatter_op
+
+MAX_FUSED_L = 4096
+TILE_ELEMENTS = 8192  # (padded L) x BLOCK_D values gathered per tile
+COLUMNS_PER_PROGRAM = 256
 
 
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """inv[b, perm[b, i]] = i: argsort of a permutation, in one scatter instead of a sort."""
-    positions = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
-    return torch.empty_like(perm).scatter_(1, perm, positions)
+@triton.jit
+def _sortable_bits(noise):
+    """float32 -> uint32 whose unsigned order is the float order: -0.0 ties with 0.0, and every
+    NaN maps to the top, as in torch.sort."""
+    bits = tl.where(noise == 0.0, 0.0, noise).to(tl.uint32, bitcast=True)
+    # NOTE: `bits ^ 0xFFFFFFFF`, not `~bits`: the interpreters of triton 3.6-3.8 build `~` on
+    # uint32 from the constant -1, which NumPy 2 rejects (OverflowError); compiled code is the same.
+    flipped = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return tl.where(noise != noise, 0xFFFFFFFF, flipped)
 
 
-def masking_from_order(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int,
-                       mask_dtype: torch.dtype):
-    """Everything random_masking returns, given the sorted order of the noise."""
-    ids_restore = inverse_permutation(ids_shuffle)
+@triton.jit
+def _random_masking_kernel(x_ptr, noise_ptr, out_ptr, mask_ptr, ids_restore_ptr, ids_keep_ptr,
+                           L, K, D, stride_xb, stride_xl, stride_nb,
+                           BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d_block = tl.program_id(1)
+    pos = tl.arange(0, BLOCK_L)
+    in_row = pos < L
+    noise = tl.load(noise_ptr + b * stride_nb + pos, mask=in_row, other=0.0).to(tl.float32)
+    bits = tl.where(in_row, _sortable_bits(noise), 0xFFFFFFFF).to(tl.uint64)
+    keys = tl.sort((bits << 32) | pos.to(tl.uint64))
+    ids_shuffle = (keys & 0xFFFFFFFF).to(tl.int64)  # ids_shuffle[j]: the token of rank j
+    keep = pos < K
+
+    if d_block == 0:
+        row = b * L
+        tl.store(ids_restore_ptr + row + ids_shuffle, pos.to(tl.int64), mask=in_row)
+        tl.store(mask_ptr + row + ids_shuffle, (pos >= K).to(mask_ptr.dtype.element_ty),
+                 mask=in_row)
+        tl.store(ids_keep_ptr + b * K + pos, ids_shuffle, mask=keep)
+
+    src_rows = x_ptr + b * stride_xb + ids_shuffle[:, None] * stride_xl
+    dst_rows = out_ptr + (b * K + pos).to(tl.int64)[:, None] * D
+    for tile_index in range(D_TILES):
+        cols = (d_block * D_TILES + tile_index) * BLOCK_D + tl.arange(0, BLOCK_D)
+        tile = keep[:, None] & (cols < D)[None, :]
+        values = tl.load(src_rows + cols[None, :], mask=tile)
+        tl.store(dst_rows + cols[None, :], values, mask=tile)
+
+
+def _from_order(x, ids_shuffle, len_keep: int, mask_dtype: torch.dtype):
+    """Everything the op returns, given the sorted order of the noise."""
+    positions = torch.arange(ids_shuffle.shape[1], device=x.device).expand_as(ids_shuffle)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)
     ids_keep = ids_shuffle[:, :len_keep].contiguous()
     mask = (ids_restore >= len_keep).to(mask_dtype)
-    return gather_rows(x, ids_keep), mask, ids_restore, ids_keep
+    return gather_op(x, ids_keep), mask, ids_restore, ids_keep
 
 
-@torch.library.custom_op("mae_kernels::random_masking", mutates_args=())
-def _random_masking_op(x: torch.Tensor, noise: torch.Tensor, len_keep: int,
-                       mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor]:
-    if resolve(x.device) == TRITON:
-        from .kernels.masking import random_masking_triton
-
-        return random_masking_triton(x, noise, len_keep, mask_dtype)
-    ids_shuffle = torch.sort(noise, dim=1, stable=True).indices
-    return masking_from_order(x, ids_shuffle, len_keep, mask_dtype)
+def _random_masking_cpu(x: torch.Tensor, noise: torch.Tensor, len_keep: int,
+                        mask_dtype: torch.dtype):
+    return _from_order(x, torch.sort(noise, dim=1, stable=True).indices, len_keep, mask_dtype)
 
 
-@_random_masking_op.register_fake
-def _(x, noise, len_keep, mask_dtype):
+def _random_masking_triton(x: torch.Tensor, noise: torch.Tensor, len_keep: int,
+                           mask_dtype: torch.dtype
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, D = x.shape
-    return (
-        x.new_empty(B, len_keep, D),
-        x.new_empty(B, L, dtype=mask_dtype),
-        x.new_empty(B, L, dtype=torch.int64),
-        x.new_empty(B, len_keep, dtype=torch.int64),
-    )
+    if L > MAX_FUSED_L or noise.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return _random_masking_cpu(x, noise, len_keep, mask_dtype)
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    if noise.stride(1) != 1:
+        noise = noise.contiguous()
+    out = x.new_empty(B, len_keep, D)
+    mask = torch.empty(B, L, dtype=mask_dtype, device=x.device)
+    ids_restore = torch.empty(B, L, dtype=torch.int64, device=x.device)
+    ids_keep = torch.empty(B, len_keep, dtype=torch.int64, device=x.device)
+    if B == 0:
+        return out, mask, ids_restore, ids_keep
+    block_l = triton.next_power_of_2(L)
+    block_d = max(1, min(triton.next_power_of_2(max(D, 1)), TILE_ELEMENTS // block_l))
+    d_tiles = max(1, min(COLUMNS_PER_PROGRAM // block_d, triton.cdiv(D, block_d)))
+    grid = (B, max(1, triton.cdiv(D, block_d * d_tiles)))
+    with torch.cuda.device_of(x):
+        wrap_triton(_random_masking_kernel)[grid](
+            x, noise, out, mask, ids_restore, ids_keep, L, len_keep, D,
+            x.stride(0), x.stride(1), noise.stride(0), BLOCK_L=block_l, BLOCK_D=block_d,
+            D_TILES=d_tiles,
+        )
+    return out, mask, ids_restore, ids_keep
 
 
-@torch.library.custom_op("mae_kernels::random_masking_backward", mutates_args=())
-def _random_masking_backward_op(grad_x_masked: torch.Tensor, ids_keep: torch.Tensor,
-                                length: int) -> torch.Tensor:
-    return scatter_rows(grad_x_masked, ids_keep, length)
-
-
-@_random_masking_backward_op.register_fake
-def _(grad_x_masked, ids_keep, length):
-    B, _, D = grad_x_masked.shape
-    return grad_x_masked.new_empty(B, length, D)
+random_masking_op = device_op("random_masking", _random_masking_triton, _random_masking_cpu)
 
 
 def _setup(ctx, inputs, output):
@@ -69,20 +120,18 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_x_masked, _grad_mask, _grad_ids_restore, _grad_ids_keep):
     (ids_keep,) = ctx.saved_tensors
-    grad_x = _random_masking_backward_op(grad_x_masked.contiguous(), ids_keep, ctx.length)
-    return grad_x, None, None, None
+    return scatter_op(grad_x_masked.contiguous(), ids_keep, ctx.length), None, None, None
 
 
-_random_masking_op.register_autograd(_backward, setup_context=_setup)
+random_masking_op.register_autograd(_backward, setup_context=_setup)
 
 
-def keep_count(num_tokens: int, mask_ratio: float) -> int:
+def keep_count(num_tokens: int, mask_ratio) -> int:
     """The official `len_keep = int(L * (1 - mask_ratio))`, checked to keep at least one token."""
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
-    if not 0.0 <= mask_ratio < 1.0:
+    ratio = _checks.real_number("mask_ratio", mask_ratio)
+    if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
-    len_keep = int(num_tokens * (1 - mask_ratio))
+    len_keep = int(num_tokens * (1 - mask_ratio))  # in the caller's number type, as the official
     if len_keep < 1:
         raise ValueError(
             f"mask_ratio {mask_ratio} keeps no token of {num_tokens}: int(L * (1 - mask_ratio)) = 0"
@@ -116,7 +165,7 @@ def random_masking_with_ids(x: torch.Tensor, mask_ratio: float,
             raise ValueError(f"noise must have shape {(B, L)}, got {tuple(noise.shape)}")
         if noise.dtype.is_complex or noise.dtype == torch.bool:
             raise TypeError(f"noise must be a real tensor, got {noise.dtype}")
-    if resolve(x.device) == REFERENCE:
+    if USE_REFERENCE:
         ids_keep = torch.argsort(noise, dim=1, stable=True)[:, :len_keep]
         return (*reference.random_masking(x, mask_ratio, noise), ids_keep)
-    return _random_masking_op(x, noise, len_keep, torch.get_default_dtype())
+    return random_masking_op(x, noise, len_keep, torch.get_default_dtype())

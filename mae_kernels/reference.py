@@ -14,6 +14,7 @@ __all__ = [
     "random_masking",
     "unshuffle",
     "mae_loss",
+    "norm_pix_stats",
     "gather_tokens",
     "scatter_tokens",
 ]
@@ -71,16 +72,38 @@ def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tens
     return x
 
 
+NORM_PIX_EPS = 1.0e-6
+
+
+def norm_pix_stats(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of each patch (last dim) as the official norm-pix loss normalises it:
+    the unbiased variance, eps inside the root. `(target - mean) / std` is the loss target."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return mean, (var + NORM_PIX_EPS) ** 0.5
+
+
+def loss_dtype(imgs: torch.Tensor, pred: torch.Tensor) -> torch.dtype:
+    """The loss accumulates in float32, or float64 when an input is float64 (for gradcheck)."""
+    return torch.promote_types(torch.float32, torch.promote_types(imgs.dtype, pred.dtype))
+
+
+def loss_targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """What `pred` is compared with: the patches, normalised per patch with `norm_pix_loss`."""
+    target = patchify(imgs, patch_size).to(dtype)
+    if norm_pix_loss:
+        mean, std = norm_pix_stats(target)
+        target = (target - mean) / std
+    return target
+
+
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
              norm_pix_loss: bool = True) -> torch.Tensor:
     """Mean squared error on removed patches, in float32 (float64 for float64 inputs);
     norm-pix uses the unbiased variance."""
-    dtype = torch.promote_types(torch.float32, torch.promote_types(imgs.dtype, pred.dtype))
-    target = patchify(imgs, patch_size).to(dtype)
-    if norm_pix_loss:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    dtype = loss_dtype(imgs, pred)
+    target = loss_targets(imgs, patch_size, norm_pix_loss, dtype)
     loss = (pred.to(dtype) - target) ** 2
     loss = loss.mean(dim=-1)
     mask = mask.to(dtype)

@@ -1,22 +1,43 @@
-"""gather_tokens / scatter_tokens: the extension's primitives as autograd-aware custom ops.
+"""gather_tokens / scatter_tokens: the C++/CUDA extension's primitives as autograd-aware ops.
 
-The schema and the CPU/CUDA kernels live in `csrc/` (TORCH_LIBRARY); this module adds the fake
-(meta) implementations and the autograd formulas (each op is the other's backward). Without the
-compiled extension the same schema is defined here on top of the reference.
+The schema and the CPU and CUDA kernels live in csrc/ (TORCH_LIBRARY); this module loads the
+library, adds the fakes and the autograd formulas (each op is the other's backward), and the
+checked public functions. Where the library is unavailable, or was built without CUDA kernels,
+the reference stands in for the missing kernels.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from . import _checks, reference
-from .backend import HAS_EXTENSION, REFERENCE, TRITON, extension_supports, resolve
+from ._extension import load_extension
+from ._library import USE_REFERENCE
 
-if not HAS_EXTENSION:
+LIBRARY = load_extension()
+if LIBRARY is None:
     _fallback = torch.library.Library("mae_kernels", "DEF")
     _fallback.define("gather_tokens(Tensor x, Tensor index) -> Tensor")
     _fallback.define("scatter_tokens(Tensor src, Tensor index, SymInt length) -> Tensor")
     _fallback.impl("gather_tokens", reference.gather_tokens, "CompositeExplicitAutograd")
     _fallback.impl("scatter_tokens", reference.scatter_tokens, "CompositeExplicitAutograd")
+    KERNEL_DEVICES = frozenset()
+else:
+    KERNEL_DEVICES = frozenset(
+        device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("mae_kernels::gather_tokens", key)
+    )
+    if "cuda" not in KERNEL_DEVICES and torch.cuda.is_available():
+        warnings.warn("mae_kernels: the extension was built without CUDA kernels (no nvcc, or "
+                      "MAE_KERNELS_NO_CUDA=1); gather/scatter on CUDA tensors run plain PyTorch",
+                      RuntimeWarning, stacklevel=2)
+        _cuda_fallback = torch.library.Library("mae_kernels", "IMPL")
+        _cuda_fallback.impl("gather_tokens", reference.gather_tokens, "CUDA")
+        _cuda_fallback.impl("scatter_tokens", reference.scatter_tokens, "CUDA")
+
+gather_op = torch.ops.mae_kernels.gather_tokens.default
+scatter_op = torch.ops.mae_kernels.scatter_tokens.default
 
 
 @torch.library.register_fake("mae_kernels::gather_tokens")
@@ -37,25 +58,22 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    return torch.ops.mae_kernels.scatter_tokens(grad, index, ctx.length), None
+    return scatter_op(grad, index, ctx.length), None
 
 
 def _scatter_setup(ctx, inputs, output):
-    _, index, _ = inputs
-    ctx.save_for_backward(index)
+    ctx.save_for_backward(inputs[1])
 
 
 def _scatter_backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    return torch.ops.mae_kernels.gather_tokens(grad, index), None, None
+    return gather_op(grad, index), None, None
 
 
-torch.library.register_autograd(
-    "mae_kernels::gather_tokens", _gather_backward, setup_context=_gather_setup
-)
-torch.library.register_autograd(
-    "mae_kernels::scatter_tokens", _scatter_backward, setup_context=_scatter_setup
-)
+torch.library.register_autograd("mae_kernels::gather_tokens", _gather_backward,
+                                setup_context=_gather_setup)
+torch.library.register_autograd("mae_kernels::scatter_tokens", _scatter_backward,
+                                setup_context=_scatter_setup)
 
 
 def _check_tokens(data_name: str, data, index) -> None:
@@ -72,15 +90,15 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out[b, k] = x[b, index[b, k]] for x (B, L, D) and index (B, K) int64."""
     _check_tokens("x", x, index)
     _checks.index_range("index", index, x.shape[1])
-    if resolve(x.device, has_triton_kernel=False) == REFERENCE:
+    if USE_REFERENCE:
         return reference.gather_tokens(x, index)
-    return torch.ops.mae_kernels.gather_tokens(x, index)
+    return gather_op(x, index)
 
 
 def scatter_tokens(src: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
     """The adjoint of gather_tokens: (B, length, D) with src[b, k] at index[b, k], zeros elsewhere.
 
-    The rows of `index` must hold distinct positions.
+    The rows of `index` must hold distinct positions (checked with the index range).
     """
     _check_tokens("src", src, index)
     _checks.integer("length", length, 0)
@@ -91,28 +109,7 @@ def scatter_tokens(src: torch.Tensor, index: torch.Tensor, length: int) -> torch
             f"length ({length}) must be at least the number of tokens in src ({src.shape[1]})"
         )
     _checks.index_range("index", index, length)
-    if resolve(src.device, has_triton_kernel=False) == REFERENCE:
+    _checks.distinct("index", index, length)
+    if USE_REFERENCE:
         return reference.scatter_tokens(src, index, length)
-    return torch.ops.mae_kernels.scatter_tokens(src, index, length)
-
-
-# Unchecked row copies for use inside other ops' implementations: the Triton kernel when that
-# backend runs, else the extension where it has kernels for the device, else the reference.
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    if resolve(x.device) == TRITON:
-        from .kernels.rows import gather_rows_triton
-
-        return gather_rows_triton(x, index)
-    if extension_supports(x.device):
-        return torch.ops.mae_kernels.gather_tokens(x, index)
-    return reference.gather_tokens(x, index)
-
-
-def scatter_rows(src: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
-    if resolve(src.device) == TRITON:
-        from .kernels.rows import scatter_rows_triton
-
-        return scatter_rows_triton(src, index, length)
-    if extension_supports(src.device):
-        return torch.ops.mae_kernels.scatter_tokens(src, index, length)
-    return reference.scatter_tokens(src, index, length)
+    return scatter_op(src, index, length)

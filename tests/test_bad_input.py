@@ -1,8 +1,10 @@
 """Each bad argument gets a ValueError/TypeError that names it; nothing crashes the process."""
+import numpy as np
 import pytest
 import torch
 
 import mae_kernels as mk
+from mae_kernels import tokens
 
 x = torch.randn(2, 8, 4)
 ids = torch.stack([torch.randperm(8), torch.randperm(8)])
@@ -77,8 +79,15 @@ CASES = {
                             "index"),
     "scatter tokens": (lambda: mk.scatter_tokens(torch.randn(2, 3, 4), keep, 8), ValueError,
                        "index"),
-    # backend switch
-    "backend name": (lambda: mk.use_backend("fast").__enter__(), ValueError, "backend"),
+    "unshuffle ids not a permutation": (
+        lambda: mk.unshuffle(x[:, :5], torch.randn(1, 1, 4), torch.stack([ids[0], ids[0] * 0])),
+        ValueError, "ids_restore repeats"),
+    "scatter repeated positions": (lambda: mk.scatter_tokens(torch.randn(2, 4, 4),
+                                                             keep[:, [0, 1, 1, 2]], 8),
+                                   ValueError, "index repeats"),
+    "masking ratio complex": (lambda: mk.random_masking(x, 0.5j), TypeError, "mask_ratio"),
+    "masking ratio numpy out of range": (lambda: mk.random_masking(x, np.float32(1.5)),
+                                         ValueError, "mask_ratio"),
 }
 
 
@@ -89,9 +98,9 @@ def test_bad_input_raises_naming_argument(name):
         call()
 
 
-@pytest.mark.skipif(not mk.backend.HAS_EXTENSION, reason="needs the compiled extension")
 def test_extension_ops_raise_clear_errors_when_called_directly():
     """The registered ops check their arguments too (c10 errors map to Python's)."""
+    assert tokens.LIBRARY is not None, "the C++ extension was not loaded"
     with pytest.raises(ValueError, match="index"):
         torch.ops.mae_kernels.gather_tokens(x, keep[0])
     with pytest.raises(TypeError, match="index"):

@@ -1,27 +1,31 @@
-"""The same checks on CUDA at MAE sizes: Triton kernels and the CUDA extension vs the reference."""
+"""The same checks on CUDA at MAE sizes: the Triton kernels (what the dispatcher runs for CUDA
+tensors) and the CUDA extension vs the reference."""
 import pytest
 import torch
 
 import mae_kernels as mk
 from mae_kernels import reference as ref
+from mae_kernels import tokens
 
-from .conftest import assert_close
+from .utils import assert_close, count_launches
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = ["triton", "cuda"]
+# the last one is longer than the fused sort handles: torch.sort + the extension's gather
 SHAPES = [(256, 196, 768), (256, 196, 1024), (256, 196, 512), (3, 5000, 40)]
 
 
-@pytest.fixture(params=GPU_BACKENDS)
-def gpu_backend(request):
-    with mk.use_backend(request.param):
-        yield request.param
+@pytest.fixture
+def gpu_backend():
+    """Every test here runs Triton kernels (checked after it)."""
+    with count_launches() as launches:
+        yield launches
+    assert sum(launches.values()) > 0, "no Triton kernel ran"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ratio", [0.0, 0.75, 0.9])
-def test_random_masking_cuda(gpu_backend, dtype, shape, ratio):
+def test_random_masking_cuda(dtype, shape, ratio):
     x = torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
     noise = torch.rand(shape[:2], device="cuda")
     got = mk.random_masking(x, ratio, noise)
@@ -89,8 +93,7 @@ def test_mae_loss_and_patchify_cuda(gpu_backend, dtype, norm_pix_loss, size, p):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [768, 1024, 33, 1])
 def test_gather_scatter_cuda(dtype, D):
-    if "cuda" not in mk.backend.EXTENSION_DEVICES:
-        pytest.skip("the extension was built without CUDA")
+    assert "cuda" in tokens.KERNEL_DEVICES, "the extension was built without CUDA kernels"
     B, L, K = 256, 196, 49
     index = torch.rand(B, L, device="cuda").argsort(1)[:, :K].contiguous()
     x = torch.randn(B, L, D, device="cuda", dtype=dtype)
@@ -122,3 +125,20 @@ def test_compile_fullgraph_cuda(gpu_backend):
     compiled = torch.compile(_mae_step, fullgraph=True)(*args)
     torch.testing.assert_close(compiled, eager)
     compiled.backward()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ops_run_on_the_tensors_device_not_the_current_one(gpu_backend):
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    x = torch.randn(8, 196, 64, device=dev, requires_grad=True)
+    noise = torch.rand(8, 196, device=dev)
+    got = mk.random_masking(x, 0.75, noise)
+    for g, w in zip(got, ref.random_masking(x, 0.75, noise)):
+        assert g.device == dev and torch.equal(g, w)
+    imgs = torch.randn(8, 3, 32, 32, device=dev)
+    assert torch.equal(mk.patchify(imgs, 16), ref.patchify(imgs, 16))
+    enc, mask_token = torch.randn(8, 1 + 49, 64, device=dev), torch.randn(1, 1, 64, device=dev)
+    assert torch.equal(mk.unshuffle(enc, mask_token, got[2], 1),
+                       ref.unshuffle(enc, mask_token, got[2], 1))
+    assert torch.cuda.current_device() == 0

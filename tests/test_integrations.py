@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import mae_kernels
 from mae_kernels.integrations import (
     patch_official_mae,
     patch_vit_mae,
@@ -14,7 +13,7 @@ from mae_kernels.integrations import (
 transformers = pytest.importorskip("transformers")
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
 
-from .conftest import HAS_CUDA, assert_same_grads  # noqa: E402
+from .utils import assert_same_grads  # noqa: E402
 
 
 def hf_config(**kwargs):
@@ -34,7 +33,7 @@ def twin(model_cls, config):
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_patched_hf_matches_unpatched(cpu_backend, norm_pix_loss):
+def test_patched_hf_matches_unpatched(implementation, norm_pix_loss):
     plain, fused = twin(ViTMAEForPreTraining, hf_config(norm_pix_loss=norm_pix_loss))
     patch_vit_mae(fused)
     pixels = torch.randn(3, 3, 32, 32)
@@ -185,7 +184,7 @@ class OfficialStyleMAE(nn.Module):
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_patched_official_matches_unpatched(cpu_backend, norm_pix_loss):
+def test_patched_official_matches_unpatched(implementation, norm_pix_loss):
     torch.manual_seed(0)
     plain = OfficialStyleMAE(norm_pix_loss=norm_pix_loss).eval()
     fused = OfficialStyleMAE(norm_pix_loss=norm_pix_loss).eval()
@@ -213,7 +212,7 @@ def test_patch_official_requires_the_methods():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_patched_hf_trains_in_bf16_cuda():
     config = hf_config(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=2,
                        num_attention_heads=12, intermediate_size=3072, decoder_hidden_size=512,
@@ -231,4 +230,3 @@ def test_patched_hf_trains_in_bf16_cuda():
         opt.zero_grad()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-    assert mae_kernels.current_backend() in mae_kernels.BACKENDS

@@ -170,3 +170,23 @@ def test_pretraining_learns_and_beats_random_encoder(tmp_path):
     random_init = linprobe(build_parser().parse_args(probe + ["--random-init"]))["top1"]
     print(f"linear probe top-1: trained {trained:.1f}%, random init {random_init:.1f}%")
     assert trained > random_init + 8, (trained, random_init)
+
+
+@pytest.mark.slow
+def test_every_rank_gets_its_own_gpu_under_torchrun(tmp_path):
+    """`--device cuda` under torchrun: rank r trains on cuda:LOCAL_RANK (not cuda:0 on every
+    rank). Checked on CPU through the same function pretrain calls, in real torchrun ranks."""
+    script = tmp_path / "rank_device.py"
+    script.write_text(
+        "import os\n"
+        "from mae import distributed\n"
+        "print('rank', os.environ['RANK'], distributed.device_for_rank('cuda', "
+        "int(os.environ['LOCAL_RANK'])), distributed.device_for_rank('cuda:3', 1), "
+        "distributed.device_for_rank('cpu', 1), flush=True)\n"
+    )
+    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    result = subprocess.run([*torchrun.split(), "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+    assert lines == ["rank 0 cuda:0 cuda:3 cpu", "rank 1 cuda:1 cuda:3 cpu"]

@@ -2,8 +2,9 @@
 launchers would launch it at MAE sizes, and reports the width of its global loads and stores.
 
 Run with TRITON_INTERPRET unset (tests/test_triton_compile.py does): the launchers run on CPU
-tensors with their kernels replaced by recorders, then each recorded launch is compiled with
-the specialisations Triton's JIT would apply (16-byte aligned pointers, integers divisible by 16).
+tensors with their kernels' `run` replaced by recorders, then each recorded launch is compiled
+with the specialisations Triton's JIT would apply (16-byte aligned pointers, integers divisible
+by 16).
 Prints one JSON object: {kernel: {"compiled": n, "loads": [...], "stores": [...]}}.
 """
 import json
@@ -12,10 +13,11 @@ import warnings
 
 import torch
 import triton
+from torch._library.triton import set_wrap_triton_enabled
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mae_kernels.kernels import loss, masking, patchify, rows, unshuffle
+from mae_kernels import loss, masking, patches, unshuffling
 
 warnings.filterwarnings("ignore")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -23,12 +25,15 @@ TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 
 
 class Recorder:
+    """Stands in for a kernel's `run`: keeps the arguments of each launch."""
+
     def __init__(self, kernel):
         self.kernel = kernel
         self.calls = []
+        kernel.run = self
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+    def __call__(self, *args, grid, warmup, **kwargs):
+        self.calls.append((args, kwargs))
 
 
 def compile_call(kernel, args, kwargs):
@@ -54,40 +59,37 @@ def compile_call(kernel, args, kwargs):
 
 
 def run_launchers(dtype):
-    B, L, D, P = 8, 196, 768, 1
+    """Each launcher at MAE-B sizes (the kernels only record: outputs stay uninitialised)."""
+    B, L, D, P, K = 8, 196, 768, 1, 49
     x = torch.randn(B, L, D).to(dtype)
-    noise = torch.rand(B, L)
-    out = masking.random_masking_triton(x, noise, 49, torch.float32)
-    rows.gather_rows_triton(x, out[3])
-    rows.scatter_rows_triton(out[0], out[3], L)
-    dec = torch.randn(B, P + 49, 512).to(dtype)
-    unshuffle.unshuffle_triton(dec, torch.randn(1, 1, 512).to(dtype), out[2], P,
-                               torch.randn(1, P + L, 512).to(dtype))
-    unshuffle.unshuffle_backward_triton(torch.randn(B, P + L, 512).to(dtype), out[2], 49, P,
-                                        dtype, True, True)
+    ids_restore = torch.stack([torch.randperm(L) for _ in range(B)])
+    mask = (ids_restore >= K).float()
+    masking._random_masking_triton(x, torch.rand(B, L), K, torch.float32)
+    dec = torch.randn(B, P + K, 512).to(dtype)
+    unshuffling._unshuffle_triton(dec, torch.randn(1, 1, 512).to(dtype), ids_restore, P,
+                                  torch.randn(1, P + L, 512).to(dtype))
+    unshuffling._unshuffle_backward_triton(torch.randn(B, P + L, 512).to(dtype), ids_restore, K,
+                                           P, dtype)
     imgs = torch.randn(B, 3, 224, 224).to(dtype)
     pred = torch.randn(B, L, 768).to(dtype)
-    loss.mae_loss_triton(imgs, pred, out[1], 16, True)
-    loss.mae_loss_backward_triton(torch.tensor(1.0), imgs, pred, out[1], 16, True)
-    patchify.unpatchify_triton(patchify.patchify_triton(imgs, 16), 16, 14, 14, 3)
+    loss._mae_loss_triton(imgs, pred, mask, 16, True)
+    loss._mae_loss_backward_triton(torch.tensor(1.0), imgs, pred, mask, 16, True)
+    patches._unpatchify_triton(patches._patchify_triton(imgs, 16), 16, 14, 14, 3)
 
 
 def main():
     kernels = {
-        "rows": (rows, "_copy_rows_kernel"),
-        "random_masking": (masking, "_random_masking_kernel"),
-        "unshuffle": (unshuffle, "_unshuffle_kernel"),
-        "unshuffle_backward": (unshuffle, "_unshuffle_backward_kernel"),
-        "loss_forward": (loss, "_loss_forward_kernel"),
-        "loss_backward": (loss, "_loss_backward_kernel"),
-        "patchify": (patchify, "_patch_rows_kernel"),
+        "random_masking": masking._random_masking_kernel,
+        "unshuffle": unshuffling._unshuffle_kernel,
+        "unshuffle_backward": unshuffling._unshuffle_backward_kernel,
+        "loss_forward": loss._loss_forward_kernel,
+        "loss_backward": loss._loss_backward_kernel,
+        "patchify": patches._patch_rows_kernel,
     }
-    recorders = {}
-    for name, (module, attr) in kernels.items():
-        recorders[name] = Recorder(getattr(module, attr))
-        setattr(module, attr, recorders[name])
-    for dtype in (torch.bfloat16, torch.float32):
-        run_launchers(dtype)
+    recorders = {name: Recorder(kernel) for name, kernel in kernels.items()}
+    with set_wrap_triton_enabled(False):  # launch directly, as the op's eager kernel does
+        for dtype in (torch.bfloat16, torch.float32):
+            run_launchers(dtype)
     report = {}
     for name, recorder in recorders.items():
         entry = report.setdefault(name, {"compiled": 0, "loads": set(), "stores": set()})

@@ -8,6 +8,16 @@
 
 #include <cstring>
 
+// The torch this library was compiled against, read from the file (not by loading it) by
+// mae_kernels/_extension.py, so that a library built for another torch is rebuilt, never loaded.
+#define MAE_KERNELS_STR_(x) #x
+#define MAE_KERNELS_STR(x) MAE_KERNELS_STR_(x)
+#ifndef MAE_KERNELS_TORCH
+#define MAE_KERNELS_TORCH unknown
+#endif
+extern "C" __attribute__((used, visibility("default"))) const char mae_kernels_build_tag[] =
+    "mae_kernels build: " MAE_KERNELS_STR(MAE_KERNELS_TORCH) ";";
+
 namespace mae_kernels {
 
 namespace {

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The support matrix beyond the default environment (which `.ci/run` tests first, through the
+# README's test command: Python 3.11, torch 2.13.0 CPU, the newest triton). Each row gets a fresh
+# virtual environment and a clean copy of the sources, installed the way a user would:
+#   newest:   Python 3.11, torch 2.14.1 (CUDA 13.0), triton 3.8 (torch's pin);
+#             pip install --no-build-isolation -e . builds the CUDA extension with nvcc
+#   lowest:   Python 3.10, torch 2.11 (CUDA 13.0), triton 3.6 (torch's pin);
+#             plain pip install -e ., the extension compiled on first import
+#   plain:    Python 3.11, torch 2.13.0: `pip install torch==2.13.0 && pip install -e .`
+# Each row runs the CPU suite (slow training tests excepted) and prints its wall time.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${CI_MATRIX_DIR:-$(mktemp -d)}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # the toolkit's root, not a wrapper's folder
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+
+fresh_copy() {  # the committed sources only, no build outputs
+  rm -rf "$WORK/$1" && mkdir -p "$WORK/$1"
+  git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
+    | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/$1")
+  echo "$WORK/$1"
+}
+
+venv() {  # venv NAME PYTHON
+  "$2" -m venv "$WORK/$1-venv"
+  "$WORK/$1-venv/bin/python" -m pip install --quiet --upgrade pip
+  echo "$WORK/$1-venv/bin/python"
+}
+
+python_of() {  # the interpreter of a given minor version: pyenv's, or on PATH
+  local v=$1
+  for candidate in "$(pyenv root 2>/dev/null)"/versions/"$v".*/bin/python "python$v"; do
+    if command -v "$candidate" >/dev/null 2>&1; then echo "$candidate"; return; fi
+  done
+  echo "no Python $v found" >&2; exit 1
+}
+
+suite() {  # suite PYTHON SRC: the CPU suite without the slow training runs
+  (cd "$2" && CI=true "$1" -m pytest tests -m "not slow" -q -p no:cacheprovider -x)
+}
+
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+stage "newest: torch 2.14.1 + CUDA 13.0, triton 3.8, --no-build-isolation (CUDA extension)"
+start=$SECONDS
+src=$(fresh_copy newest)
+py=$(venv newest "$(python_of 3.11)")
+"$py" -m pip install --quiet torch==2.14.1 setuptools wheel ninja
+(cd "$src" && "$py" -m pip install --quiet --no-build-isolation -e ".[test]")
+(cd "$src" && "$py" - <<'PY'
+import torch, triton
+import mae_kernels
+from mae_kernels import tokens
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("extension", tokens.LIBRARY, "kernels for", sorted(tokens.KERNEL_DEVICES))
+for op in ("gather_tokens", "scatter_tokens"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mae_kernels::{op}", "CUDA"), op
+assert tokens.LIBRARY.name.startswith("_C"), "the install did not build the extension"
+PY
+)
+suite "$py" "$src"
+echo "newest: $((SECONDS - start)) s"
+
+stage "lowest: Python 3.10, torch 2.11 + CUDA 13.0, triton 3.6, plain pip install -e ."
+start=$SECONDS
+src=$(fresh_copy lowest)
+py=$(venv lowest "$(python_of 3.10)")
+"$py" -m pip install --quiet torch==2.11.0
+(cd "$src" && "$py" -m pip install --quiet -e ".[test]")
+(cd "$src" && "$py" -c "
+import torch, triton, mae_kernels
+from mae_kernels import tokens
+print('torch', torch.__version__, 'triton', triton.__version__, 'extension', tokens.LIBRARY)
+assert triton.__version__.startswith('3.6'), triton.__version__
+assert tokens.LIBRARY is not None and 'cpu' in tokens.KERNEL_DEVICES
+")
+suite "$py" "$src"
+echo "lowest: $((SECONDS - start)) s"
+
+stage "plain: pip install torch==2.13.0 && pip install -e ."
+start=$SECONDS
+src=$(fresh_copy plain)
+py=$(venv plain "$(python_of 3.11)")
+"$py" -m pip install --quiet torch==2.13.0
+(cd "$src" && "$py" -m pip install --quiet -e ".[test]")
+(cd "$src" && "$py" -c "
+import mae_kernels
+from mae_kernels import tokens
+assert tokens.LIBRARY is not None and 'cpu' in tokens.KERNEL_DEVICES, tokens.LIBRARY
+print('plain install: extension', tokens.LIBRARY)
+")
+(cd "$src" && "$py" -m pytest tests/test_ops.py tests/test_dispatch.py -q -p no:cacheprovider -x)
+echo "plain: $((SECONDS - start)) s"
