@@ -36,18 +36,24 @@ else:  # a platform triton does not support: the kernels are defined, never laun
     tl = None
 
 
+def wrap_triton(kernel):
+    """`torch.library.wrap_triton(kernel)`, so `torch.compile` can trace the launch. Interpreted
+    kernels (TRITON_INTERPRET=1) are launched as they are: torch before 2.13 rejects them."""
+    return kernel if INTERPRETED else torch.library.wrap_triton(kernel)
+
+
 def _on_cpu(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
 
 
-def device_op(name: str, triton_fn: Callable | None, cpu_fn: Callable):
+def device_op(name: str, triton_fn: Callable, cpu_fn: Callable):
     """The custom op `mae_kernels::<name>`: `triton_fn` by default, `cpu_fn` for CPU tensors.
 
     Without triton (a platform it does not support), `cpu_fn` serves every device: it is
     written with PyTorch ops and the extension's ops only.
     """
     qualname = f"mae_kernels::{name}"
-    if not HAS_TRITON or triton_fn is None:
+    if not HAS_TRITON:
         op = torch.library.custom_op(qualname, cpu_fn, mutates_args=())
         op.register_fake(cpu_fn)
         return op

@@ -9,10 +9,9 @@ CPU: the reference forward, and its gradient in closed form.
 from __future__ import annotations
 
 import torch
-from torch.library import wrap_triton
 
 from . import _checks, reference
-from ._library import USE_REFERENCE, device_op, tl, triton
+from ._library import USE_REFERENCE, device_op, tl, triton, wrap_triton
 
 TILE_ELEMENTS = 4096  # patches x padded patch values per program
 MAX_PATCH_ELEMENTS = 16384

@@ -15,10 +15,9 @@ CPU: torch.sort, then the extension's gather.
 from __future__ import annotations
 
 import torch
-from torch.library import wrap_triton
 
 from . import _checks, reference
-from ._library import USE_REFERENCE, device_op, tl, triton
+from ._library import USE_REFERENCE, device_op, tl, triton, wrap_triton
 from .tokens import gather_op, scatter_op
 
 MAX_FUSED_L = 4096

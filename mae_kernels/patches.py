@@ -11,10 +11,9 @@ CPU: the reference's einsum, copied out.
 from __future__ import annotations
 
 import torch
-from torch.library import wrap_triton
 
 from . import _checks, reference
-from ._library import USE_REFERENCE, device_op, tl, triton
+from ._library import USE_REFERENCE, device_op, tl, triton, wrap_triton
 
 TILE_ELEMENTS = 2048
 

@@ -13,10 +13,9 @@ CPU: the extension's gather, and PyTorch sums.
 from __future__ import annotations
 
 import torch
-from torch.library import wrap_triton
 
 from . import _checks, reference
-from ._library import USE_REFERENCE, device_op, tl, triton
+from ._library import USE_REFERENCE, device_op, tl, triton, wrap_triton
 from .tokens import gather_op
 
 BLOCK_T = 16

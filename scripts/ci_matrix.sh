@@ -23,7 +23,6 @@ fresh_copy() {  # the committed sources only, no build outputs
 
 venv() {  # venv NAME PYTHON
   "$2" -m venv "$WORK/$1-venv"
-  "$WORK/$1-venv/bin/python" -m pip install --quiet --upgrade pip
   echo "$WORK/$1-venv/bin/python"
 }
 
@@ -35,59 +34,41 @@ python_of() {  # the interpreter of a given minor version: pyenv's, or on PATH
   echo "no Python $v found" >&2; exit 1
 }
 
-suite() {  # suite PYTHON SRC: the CPU suite without the slow training runs
-  (cd "$2" && CI=true "$1" -m pytest tests -m "not slow" -q -p no:cacheprovider -x)
-}
-
 stage() { echo; echo "=== $1 ($(date +%T))"; }
 
-stage "newest: torch 2.14.1 + CUDA 13.0, triton 3.8, --no-build-isolation (CUDA extension)"
-start=$SECONDS
-src=$(fresh_copy newest)
-py=$(venv newest "$(python_of 3.11)")
-"$py" -m pip install --quiet torch==2.14.1 setuptools wheel ninja
-(cd "$src" && "$py" -m pip install --quiet --no-build-isolation -e ".[test]")
-(cd "$src" && "$py" - <<'PY'
+# row NAME PYTHON_MINOR TORCH_VERSION "PIP_INSTALL_FLAGS" CHECK PYTEST_ARGS...: a fresh venv with
+# that Python and torch, this package installed with those flags, CHECK run in it (Python code
+# that sees `tokens`, `torch`, `triton`), then pytest with PYTEST_ARGS.
+row() {
+  local name=$1 minor=$2 torch_version=$3 flags=$4 check=$5
+  shift 5
+  local start=$SECONDS src py
+  src=$(fresh_copy "$name")
+  py=$(venv "$name" "$(python_of "$minor")")
+  "$py" -m pip install --quiet "torch==$torch_version" setuptools wheel ninja
+  # shellcheck disable=SC2086
+  (cd "$src" && "$py" -m pip install --quiet $flags -e ".[test]")
+  (cd "$src" && "$py" -c "
 import torch, triton
-import mae_kernels
 from mae_kernels import tokens
-print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
-print("extension", tokens.LIBRARY, "kernels for", sorted(tokens.KERNEL_DEVICES))
-for op in ("gather_tokens", "scatter_tokens"):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mae_kernels::{op}", "CUDA"), op
-assert tokens.LIBRARY.name.startswith("_C"), "the install did not build the extension"
-PY
-)
-suite "$py" "$src"
-echo "newest: $((SECONDS - start)) s"
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
+print('extension', tokens.LIBRARY, 'kernels for', sorted(tokens.KERNEL_DEVICES))
+assert tokens.LIBRARY is not None and 'cpu' in tokens.KERNEL_DEVICES
+$check")
+  (cd "$src" && CI=true "$py" -m pytest -q -p no:cacheprovider -x "$@")
+  echo "$name: $((SECONDS - start)) s"
+}
+
+stage "newest: torch 2.14.1 + CUDA 13.0, triton 3.8, --no-build-isolation (CUDA extension)"
+row newest 3.11 2.14.1 --no-build-isolation "
+for op in ('gather_tokens', 'scatter_tokens'):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f'mae_kernels::{op}', 'CUDA'), op
+assert tokens.LIBRARY.name.startswith('_C'), 'the install did not build the extension'
+" tests -m "not slow"
 
 stage "lowest: Python 3.10, torch 2.11 + CUDA 13.0, triton 3.6, plain pip install -e ."
-start=$SECONDS
-src=$(fresh_copy lowest)
-py=$(venv lowest "$(python_of 3.10)")
-"$py" -m pip install --quiet torch==2.11.0
-(cd "$src" && "$py" -m pip install --quiet -e ".[test]")
-(cd "$src" && "$py" -c "
-import torch, triton, mae_kernels
-from mae_kernels import tokens
-print('torch', torch.__version__, 'triton', triton.__version__, 'extension', tokens.LIBRARY)
-assert triton.__version__.startswith('3.6'), triton.__version__
-assert tokens.LIBRARY is not None and 'cpu' in tokens.KERNEL_DEVICES
-")
-suite "$py" "$src"
-echo "lowest: $((SECONDS - start)) s"
+row lowest 3.10 2.11.0 "" "assert triton.__version__.startswith('3.6'), triton.__version__" \
+  tests -m "not slow"
 
 stage "plain: pip install torch==2.13.0 && pip install -e ."
-start=$SECONDS
-src=$(fresh_copy plain)
-py=$(venv plain "$(python_of 3.11)")
-"$py" -m pip install --quiet torch==2.13.0
-(cd "$src" && "$py" -m pip install --quiet -e ".[test]")
-(cd "$src" && "$py" -c "
-import mae_kernels
-from mae_kernels import tokens
-assert tokens.LIBRARY is not None and 'cpu' in tokens.KERNEL_DEVICES, tokens.LIBRARY
-print('plain install: extension', tokens.LIBRARY)
-")
-(cd "$src" && "$py" -m pytest tests/test_ops.py tests/test_dispatch.py -q -p no:cacheprovider -x)
-echo "plain: $((SECONDS - start)) s"
+row plain 3.11 2.13.0 "" "" tests/test_ops.py tests/test_dispatch.py

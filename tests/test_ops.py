@@ -266,3 +266,14 @@ def test_gather_scatter_run_the_extension():
         mk.scatter_tokens(x[:, :2], index, 3)
     names = {event.name for event in prof.events()}
     assert {"mae_kernels::gather_tokens", "mae_kernels::scatter_tokens"} <= names
+
+
+def test_unchecked_non_permutation_fails_loudly_on_cpu():
+    """With the index checks skipped (as the model does), an ids_restore that repeats a position
+    leaves a kept token with no slot: the CPU backward raises instead of reading garbage."""
+    x = torch.randn(1, 1 + 2, 3, requires_grad=True)
+    ids_restore = torch.tensor([[0, 0, 2, 3]])  # kept token 1 has no position
+    with mk.skip_index_checks():
+        out = mk.unshuffle(x, torch.zeros(1, 1, 3), ids_restore, 1)
+    with pytest.raises(IndexError, match="out of range"):
+        out.sum().backward()
