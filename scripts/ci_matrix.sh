@@ -26,11 +26,14 @@ venv() {  # venv NAME PYTHON
   echo "$WORK/$1-venv/bin/python"
 }
 
-python_of() {  # the interpreter of a given minor version: pyenv's, or on PATH
-  local v=$1
-  for candidate in "$(pyenv root 2>/dev/null)"/versions/"$v".*/bin/python "python$v"; do
-    if command -v "$candidate" >/dev/null 2>&1; then echo "$candidate"; return; fi
+python_of() {  # the interpreter of a given minor version: pyenv's, else one on PATH
+  local v=$1 candidate
+  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python; do
+    if [ -x "$candidate" ]; then echo "$candidate"; return; fi
   done
+  if command -v "python$v" >/dev/null 2>&1 && "python$v" -c "" 2>/dev/null; then
+    command -v "python$v"; return
+  fi
   echo "no Python $v found" >&2; exit 1
 }
 
