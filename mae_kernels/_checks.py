@@ -87,8 +87,9 @@ def distinct(name: str, index: torch.Tensor, upper: int) -> None:
         return
     counts = torch.zeros(index.shape[0], upper, dtype=torch.int32, device=index.device)
     counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
-    row = int(counts.amax(dim=1).argmax())
-    if int(counts[row].max()) > 1:
+    most = counts.amax(dim=1)
+    row = int(most.argmax())
+    if int(most[row]) > 1:
         position = int(counts[row].argmax())
         raise ValueError(f"{name} repeats position {position} in row {row}: its rows must hold "
                          "distinct positions")

@@ -107,11 +107,12 @@ def load_extension() -> Path | None:
             return prebuilt
         print(f"mae_kernels: {prebuilt.name} was built for torch {tag}, this is torch "
               f"{torch_build_id()}: not loading it", file=sys.stderr, flush=True)
+    cuda = want_cuda()
     try:
         try:
-            path = _compile_on_import(want_cuda())
+            path = _compile_on_import(cuda)
         except Exception as exc:
-            if not want_cuda():
+            if not cuda:
                 raise
             # e.g. an nvcc that does not match torch's CUDA: the CPU kernels still help
             print(f"mae_kernels: the CUDA build failed ({type(exc).__name__}); building the CPU "
