@@ -1,7 +1,8 @@
 """The whole pre-training step (forward, backward, AdamW) of MAE ViT-B/16 and ViT-L/16 with the
 fused ops versus the reference ops, eager and compiled, under bf16 autocast; and HF
-transformers' ViTMAEForPreTraining (SDPA attention) at the same configuration. Reports
-images/s and peak memory. CPU: a tiny model at 32x32, as a smoke test."""
+transformers' ViTMAEForPreTraining (SDPA attention) built from the same config (encoder,
+decoder, patch size, image size, mask ratio). Reports images/s and peak memory. CPU: the tiny
+model at 32x32 with 4x4 patches, as a smoke test."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,32 +10,37 @@ import importlib.util
 import pytest
 import torch
 
-from mae.models import MODELS
+from mae.models import MAE, config_of
 from mae_kernels.integrations import patch_vit_mae
 
 from .common import CUDA, cuda_median_ms
 
 DEVICE = "cuda" if CUDA else "cpu"
-CONFIGS = {  # model: (batch, image size, patch-size override)
-    "mae_vit_base_patch16": (128, 224, None),
-    "mae_vit_large_patch16": (64, 224, None),
-} if CUDA else {"mae_vit_tiny_patch16": (8, 32, 4)}
+CONFIGS = {  # model: (batch, config overrides)
+    "mae_vit_base_patch16": (128, {"img_size": 224}),
+    "mae_vit_large_patch16": (64, {"img_size": 224}),
+} if CUDA else {"mae_vit_tiny_patch16": (8, {"img_size": 32, "patch_size": 4})}
 VARIANTS = ["kernels", "kernels+compile", "reference", "reference+compile"]
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 
-def hf_vit_mae(name: str, image_size: int):
+def hf_vit_mae(config: dict):
+    """ViTMAEForPreTraining with the architecture and loss of one of our configs."""
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    embed, depth, heads = {"mae_vit_base_patch16": (768, 12, 12),
-                           "mae_vit_large_patch16": (1024, 24, 16),
-                           "mae_vit_tiny_patch16": (192, 12, 3)}[name]
-    config = ViTMAEConfig(hidden_size=embed, num_hidden_layers=depth, num_attention_heads=heads,
-                          intermediate_size=4 * embed, decoder_hidden_size=512,
-                          decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
-                          decoder_intermediate_size=2048, image_size=image_size,
-                          patch_size=16, mask_ratio=0.75, attn_implementation="sdpa")
-    return ViTMAEForPreTraining(config)
+    hf = ViTMAEConfig(
+        hidden_size=config["encoder_dim"], num_hidden_layers=config["encoder_layers"],
+        num_attention_heads=config["encoder_heads"],
+        intermediate_size=int(config["mlp_ratio"] * config["encoder_dim"]),
+        decoder_hidden_size=config["decoder_dim"],
+        decoder_num_hidden_layers=config["decoder_layers"],
+        decoder_num_attention_heads=config["decoder_heads"],
+        decoder_intermediate_size=int(config["mlp_ratio"] * config["decoder_dim"]),
+        image_size=config["img_size"], patch_size=config["patch_size"],
+        num_channels=config["in_chans"], mask_ratio=config["mask_ratio"],
+        norm_pix_loss=config["norm_pix_loss"], layer_norm_eps=1e-6, qkv_bias=True,
+        attn_implementation="sdpa")
+    return ViTMAEForPreTraining(hf)
 
 
 def _step_fn(model, optimizer, forward):
@@ -75,14 +81,11 @@ def _measure(benchmark, model, forward, batch, size, compiled):
 def test_pretrain_step(benchmark, name, variant):
     if variant.endswith("compile") and not CUDA and benchmark.disabled:
         pytest.skip("compiling on CPU is too slow for the smoke run")
-    batch, size, patch = CONFIGS[name]
-    kwargs = {"img_size": size, "use_kernels": variant.startswith("kernels")}
-    if patch:
-        kwargs["patch_size"] = patch
+    batch, overrides = CONFIGS[name]
+    config = config_of(name, **overrides, use_kernels=variant.startswith("kernels"))
     benchmark.group = f"pretrain step {name}"
     benchmark.extra_info.update(model=name, variant=variant)
-    model = MODELS[name](**kwargs)
-    _measure(benchmark, model, lambda m, x: m(x, 0.75)[0], batch, size,
+    _measure(benchmark, MAE(config), lambda m, x: m(x).loss, batch, config["img_size"],
              variant.endswith("compile"))
 
 
@@ -94,11 +97,15 @@ def test_pretrain_step_hf_vitmae(benchmark, name, compiled, patched):
     """HF ViTMAE as the outside baseline, as is and with `patch_vit_mae`."""
     if not CUDA and compiled:
         pytest.skip("compiling on CPU is too slow for the smoke run")
-    batch, size, _ = CONFIGS[name]
+    batch, overrides = CONFIGS[name]
+    config = config_of(name, **overrides)
     benchmark.group = f"pretrain step {name}"
     variant = "hf-vitmae" + ("+patched" * patched) + ("+compile" * compiled)
     benchmark.extra_info.update(model=name, variant=variant)
-    model = hf_vit_mae(name, size)
+    model = hf_vit_mae(config)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in MAE(config).parameters())  # like with like
     if patched:
         model = patch_vit_mae(model)
-    _measure(benchmark, model, lambda m, x: m(pixel_values=x).loss, batch, size, compiled)
+    _measure(benchmark, model, lambda m, x: m(pixel_values=x).loss, batch, config["img_size"],
+             compiled)

@@ -1,5 +1,8 @@
 """Masked Autoencoder model, training and evaluation built on mae_kernels."""
 from .models import (
+    DEFAULT_CONFIG,
+    MAE,
+    MODEL_CONFIGS,
     MODELS,
     MaskedAutoencoderViT,
     mae_vit_base_patch16,
@@ -11,7 +14,10 @@ from .models import (
 from .pos_embed import interpolate_pos_embed
 
 __all__ = [
+    "DEFAULT_CONFIG",
+    "MAE",
     "MODELS",
+    "MODEL_CONFIGS",
     "MaskedAutoencoderViT",
     "interpolate_pos_embed",
     "mae_vit_base_patch16",

@@ -102,13 +102,18 @@ class Augmented(torch.utils.data.Dataset):
 
 
 class ImageFolderDataset(Augmented):
-    def __init__(self, root, size, train: bool = True, seed: int = 0, split: str | None = None):
+    def __init__(self, root, size, train: bool = True, seed: int = 0, split: str | None = None,
+                 required: bool = False):
         super().__init__(size, train, seed)
         root = Path(root)
-        split_dir = root / (split or ("train" if train else "val"))
-        base = split_dir if split_dir.is_dir() else root
-        if not base.is_dir():
+        split = split or ("train" if train else "val")
+        split_dir = root / split
+        if not root.is_dir():
             raise FileNotFoundError(f"--data-path {root} is not a directory")
+        if required and not split_dir.is_dir():
+            raise FileNotFoundError(f"--data-path {root} has no {split!r} split: expected "
+                                    f"{split_dir}/<class>/<image> folders")
+        base = split_dir if split_dir.is_dir() else root
         classes = sorted(d.name for d in base.iterdir() if d.is_dir())
         if classes:
             self.samples = [(p, i) for i, c in enumerate(classes)
@@ -222,9 +227,12 @@ def collate_skipping(batch):
 
 
 def build_dataset(data_path, size, split: str, augment: bool, seed: int = 0,
-                  length: int | None = None):
-    """The `split` ("train" or "val") of an image folder, or of the built-in shapes."""
+                  length: int | None = None, required: bool = True):
+    """The `split` ("train" or "val") of an image folder, or of the built-in shapes. A folder
+    without DIR/<split> is an error when `required` (labelled splits: probing, fine-tuning),
+    else its images are used as they are (pre-training needs no labels)."""
     if data_path:
-        return ImageFolderDataset(data_path, size, train=augment, seed=seed, split=split)
+        return ImageFolderDataset(data_path, size, train=augment, seed=seed, split=split,
+                                  required=required)
     return ShapesDataset(size, train=augment, seed=seed, split=split,
                          length=length or (4096 if split == "train" else 1024))

@@ -22,7 +22,7 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None)
     """The four panels, each (B, 3, H, W) in [0, 1], for normalised `imgs`."""
     was_training = model.training
     model.eval()
-    _, pred, mask = model(imgs, mask_ratio, noise)
+    _, pred, mask = model.predict(imgs, mask_ratio, noise)
     model.train(was_training)
     pred = pred.float()
     p = model.patch_size

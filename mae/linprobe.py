@@ -31,7 +31,8 @@ def extract_features(model, dataset, device, batch_size: int, global_pool: bool,
 
 def linprobe(args) -> dict:
     device = torch.device(args.device)
-    model, config = model_from_checkpoint(args.checkpoint, load_weights=not args.random_init)
+    model, config = model_from_checkpoint(args.checkpoint, load_weights=not args.random_init,
+                                          trust=args.unsafe_trust_checkpoint)
     model = model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)

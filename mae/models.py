@@ -213,11 +213,15 @@ class MaskedAutoencoderViT(nn.Module):
         ops = mae_kernels if self.use_kernels else reference
         return ops.mae_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None):
+    def predict(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None):
+        """(loss, pred (B, L, p*p*C), mask): the official forward."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None):
+        return self.predict(imgs, mask_ratio, noise)
 
     def encode(self, imgs: torch.Tensor) -> Features:
         """All patches, no masking: the features a linear probe or fine-tuning starts from."""
@@ -231,43 +235,124 @@ class MaskedAutoencoderViT(nn.Module):
         return Features(cls_token=x[:, 0], patch_mean=x[:, 1:].mean(dim=1))
 
 
-def _mae(embed_dim, depth, num_heads, patch_size=16, decoder_embed_dim=512, decoder_depth=8,
-         decoder_num_heads=16, **kwargs) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(
-        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-        decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
-        decoder_num_heads=decoder_num_heads, mlp_ratio=4,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs,
-    )
-
-
-def mae_vit_tiny_patch16(**kwargs):
-    """A small model for CPU work: ViT-Tiny encoder, 128-wide 2-block decoder."""
-    kwargs = {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4, **kwargs}
-    return _mae(192, 12, 3, **kwargs)
-
-
-def mae_vit_small_patch16(**kwargs):
-    kwargs = {"decoder_embed_dim": 256, "decoder_depth": 4, "decoder_num_heads": 8, **kwargs}
-    return _mae(384, 12, 6, **kwargs)
-
-
-def mae_vit_base_patch16(**kwargs):
-    return _mae(768, 12, 12, **kwargs)
-
-
-def mae_vit_large_patch16(**kwargs):
-    return _mae(1024, 24, 16, **kwargs)
-
-
-def mae_vit_huge_patch14(**kwargs):
-    return _mae(1280, 32, 16, **{"patch_size": 14, **kwargs})
-
-
-MODELS = {
-    "mae_vit_tiny_patch16": mae_vit_tiny_patch16,
-    "mae_vit_small_patch16": mae_vit_small_patch16,
-    "mae_vit_base_patch16": mae_vit_base_patch16,
-    "mae_vit_large_patch16": mae_vit_large_patch16,
-    "mae_vit_huge_patch14": mae_vit_huge_patch14,
+# Named models as config dicts (the keys of `MAE`); the official ones are models_mae.py's.
+MODEL_CONFIGS = {
+    # a small model for CPU work: ViT-Tiny encoder, 128-wide 2-block decoder
+    "mae_vit_tiny_patch16": dict(encoder_dim=192, encoder_layers=12, encoder_heads=3,
+                                 decoder_dim=128, decoder_layers=2, decoder_heads=4),
+    "mae_vit_small_patch16": dict(encoder_dim=384, encoder_layers=12, encoder_heads=6,
+                                  decoder_dim=256, decoder_layers=4, decoder_heads=8),
+    "mae_vit_base_patch16": dict(encoder_dim=768, encoder_layers=12, encoder_heads=12),
+    "mae_vit_large_patch16": dict(encoder_dim=1024, encoder_layers=24, encoder_heads=16),
+    "mae_vit_huge_patch14": dict(patch_size=14, encoder_dim=1280, encoder_layers=32,
+                                 encoder_heads=16),
 }
+
+# Every key `MAE` accepts, with its default (the official ViT-B/16 with the 8-block decoder).
+DEFAULT_CONFIG = {
+    "img_size": 224, "patch_size": 16, "in_chans": 3,
+    "encoder_dim": 768, "encoder_layers": 12, "encoder_heads": None,  # None: encoder_dim // 64
+    "decoder_dim": 512, "decoder_layers": 8, "decoder_heads": None,  # None: decoder_dim // 32
+    "mlp_ratio": 4.0, "mask_ratio": 0.75, "norm_pix_loss": False, "use_kernels": True,
+}
+
+
+def resolve_config(config: dict) -> dict:
+    """`config` over the defaults, checked: unknown keys and bad values name the key."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown MAE config key(s) {unknown}; valid keys: "
+                         f"{sorted(DEFAULT_CONFIG)}")
+    config = {**DEFAULT_CONFIG, **config}
+    for heads, dim, width in (("encoder_heads", "encoder_dim", 64),
+                              ("decoder_heads", "decoder_dim", 32)):
+        if config[heads] is None and isinstance(config[dim], int):
+            config[heads] = max(1, config[dim] // width)
+    img = config["img_size"]
+    config["img_size"] = list(_pair(img)) if not isinstance(img, int) else img
+    for key in ("patch_size", "in_chans", "encoder_dim", "encoder_layers", "encoder_heads",
+                "decoder_dim", "decoder_layers", "decoder_heads"):
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
+            raise ValueError(f"config[{key!r}] must be a positive integer, got {config[key]!r}")
+    for side in _pair(config["img_size"]):
+        if isinstance(side, bool) or not isinstance(side, int) or side % config["patch_size"]:
+            raise ValueError(f"config['img_size'] {config['img_size']!r} must be integers "
+                             f"divisible by config['patch_size'] {config['patch_size']}")
+    for dim, heads in (("encoder_dim", "encoder_heads"), ("decoder_dim", "decoder_heads")):
+        if config[dim] % config[heads]:
+            raise ValueError(f"config[{dim!r}] {config[dim]} is not divisible by "
+                             f"config[{heads!r}] {config[heads]}")
+    ratio = config["mask_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"config['mask_ratio'] must be in [0, 1), got {ratio!r}")
+    for key in ("norm_pix_loss", "use_kernels"):
+        if not isinstance(config[key], bool):
+            raise ValueError(f"config[{key!r}] must be True or False, got {config[key]!r}")
+    return config
+
+
+def config_of(name: str, **overrides) -> dict:
+    """The config dict of a named model, with overrides."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"model must be one of {sorted(MODEL_CONFIGS)}, got {name!r}")
+    return resolve_config({**MODEL_CONFIGS[name], **overrides})
+
+
+def _official_kwargs(config: dict) -> dict:
+    """MaskedAutoencoderViT's (official) arguments for a resolved config."""
+    return dict(img_size=config["img_size"], patch_size=config["patch_size"],
+                in_chans=config["in_chans"], embed_dim=config["encoder_dim"],
+                depth=config["encoder_layers"], num_heads=config["encoder_heads"],
+                decoder_embed_dim=config["decoder_dim"], decoder_depth=config["decoder_layers"],
+                decoder_num_heads=config["decoder_heads"], mlp_ratio=config["mlp_ratio"],
+                norm_pix_loss=config["norm_pix_loss"], use_kernels=config["use_kernels"])
+
+
+class Output(NamedTuple):
+    loss: torch.Tensor
+    reconstructed: torch.Tensor  # (B, C, H, W): the prediction of every patch, as an image
+    mask: torch.Tensor  # (B, L): 1 = masked
+
+
+class MAE(MaskedAutoencoderViT):
+    """The config-dict interface: `MAE({"img_size": 224, "patch_size": 16, ...})`, keys as in
+    DEFAULT_CONFIG. `model(images)` returns `(loss, reconstructed, mask)` with `reconstructed`
+    an image (B, C, H, W); with norm_pix_loss it is in per-patch normalised units, as the loss
+    sees it (mae.figures.reconstruct maps it back to pixels). Same parameters as the official
+    model: the `mae` CLI trains this class, and either's checkpoints load into the other."""
+
+    def __init__(self, config: dict | None = None, **overrides):
+        config = resolve_config({**(config or {}), **overrides})
+        super().__init__(**_official_kwargs(config))
+        self.config = config
+        self.mask_ratio = config["mask_ratio"]
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> MAE:
+        return cls(config_of(name, **overrides))
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise=None) -> Output:
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        loss, pred, mask = self.predict(imgs, ratio, noise)
+        return Output(loss, self.unpatchify(pred), mask)
+
+
+def _factory(name: str):
+    def build(**kwargs) -> MaskedAutoencoderViT:
+        """The named model with the official constructor's arguments as overrides."""
+        defaults = _official_kwargs(config_of(name))
+        return MaskedAutoencoderViT(**{**defaults, **kwargs})
+
+    build.__name__ = build.__qualname__ = name
+    return build
+
+
+mae_vit_tiny_patch16 = _factory("mae_vit_tiny_patch16")
+mae_vit_small_patch16 = _factory("mae_vit_small_patch16")
+mae_vit_base_patch16 = _factory("mae_vit_base_patch16")
+mae_vit_large_patch16 = _factory("mae_vit_large_patch16")
+mae_vit_huge_patch14 = _factory("mae_vit_huge_patch14")
+
+MODELS = {name: globals()[name] for name in MODEL_CONFIGS}

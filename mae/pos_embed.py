@@ -30,9 +30,10 @@ def sincos_2d(dim: int, grid: tuple[int, int], cls_token: bool = False) -> torch
 
 
 def interpolate_pos_embed(model, state_dict: dict, keys=("pos_embed", "decoder_pos_embed")):
-    """Resize the positional embeddings in `state_dict` (in place) to `model`'s patch grid,
-    bicubically, keeping the prefix (cls) tokens; as the official `interpolate_pos_embed`."""
-    new_h, new_w = model.grid_size
+    """Resize the positional embeddings in `state_dict` (in place) to `model`'s patch grid
+    (`model.patch_embed.grid_size`: ours and timm's ViT), bicubically, keeping the prefix (cls)
+    tokens; as the official `interpolate_pos_embed`."""
+    new_h, new_w = model.patch_embed.grid_size
     for key in keys:
         if key not in state_dict or not hasattr(model, key):
             continue

@@ -10,7 +10,7 @@ from .pretrain import model_from_checkpoint
 
 
 def visualize(args):
-    model, config = model_from_checkpoint(args.checkpoint)
+    model, config = model_from_checkpoint(args.checkpoint, trust=args.unsafe_trust_checkpoint)
     size = config["input_size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
     try:

@@ -2,8 +2,9 @@
 # The support matrix beyond the default environment (which `.ci/run` tests first, through the
 # README's test command: Python 3.11, torch 2.13.0 CPU, the newest triton). Each row gets a fresh
 # virtual environment and a clean copy of the sources, installed the way a user would:
-#   newest:   Python 3.11, torch 2.14.1 (CUDA 13.0), triton 3.8 (torch's pin);
-#             pip install --no-build-isolation -e . builds the CUDA extension with nvcc
+#   newest:   Python 3.11, torch 2.14.1 (CUDA 13.0) + torchvision 0.29.1, triton 3.8 (torch's
+#             pin); pip install --no-build-isolation -e ".[test,finetune]" builds the CUDA
+#             extension with nvcc and brings timm, so `mae finetune` is tested here
 #   lowest:   Python 3.10, torch 2.11 (CUDA 13.0), triton 3.6 (torch's pin);
 #             plain pip install -e ., the extension compiled on first import
 #   plain:    Python 3.11, torch 2.13.0: `pip install torch==2.13.0 && pip install -e .`
@@ -39,18 +40,20 @@ python_of() {  # the interpreter of a given minor version: pyenv's, else one on 
 
 stage() { echo; echo "=== $1 ($(date +%T))"; }
 
-# row NAME PYTHON_MINOR TORCH_VERSION "PIP_INSTALL_FLAGS" CHECK PYTEST_ARGS...: a fresh venv with
-# that Python and torch, this package installed with those flags, CHECK run in it (Python code
-# that sees `tokens`, `torch`, `triton`), then pytest with PYTEST_ARGS.
+# row NAME PYTHON_MINOR "TORCH_PACKAGES" "PIP_INSTALL_FLAGS" EXTRAS CHECK PYTEST_ARGS...: a fresh
+# venv with that Python and torch (torchvision beside it where wanted), this package installed
+# with those flags and extras, CHECK run in it (Python code that sees `tokens`, `torch`,
+# `triton`), then pytest with PYTEST_ARGS.
 row() {
-  local name=$1 minor=$2 torch_version=$3 flags=$4 check=$5
-  shift 5
+  local name=$1 minor=$2 torch_packages=$3 flags=$4 extras=$5 check=$6
+  shift 6
   local start=$SECONDS src py
   src=$(fresh_copy "$name")
   py=$(venv "$name" "$(python_of "$minor")")
-  "$py" -m pip install --quiet "torch==$torch_version" setuptools wheel ninja
   # shellcheck disable=SC2086
-  (cd "$src" && "$py" -m pip install --quiet $flags -e ".[test]")
+  "$py" -m pip install --quiet $torch_packages setuptools wheel ninja
+  # shellcheck disable=SC2086
+  (cd "$src" && "$py" -m pip install --quiet $flags -e ".[$extras]")
   (cd "$src" && "$py" -c "
 import torch, triton
 from mae_kernels import tokens
@@ -62,16 +65,18 @@ $check")
   echo "$name: $((SECONDS - start)) s"
 }
 
-stage "newest: torch 2.14.1 + CUDA 13.0, triton 3.8, --no-build-isolation (CUDA extension)"
-row newest 3.11 2.14.1 --no-build-isolation "
+stage "newest: torch 2.14.1 + CUDA 13.0, triton 3.8, --no-build-isolation (CUDA extension), timm"
+row newest 3.11 "torch==2.14.1 torchvision==0.29.1" --no-build-isolation test,finetune "
+import timm
+assert torch.__version__.startswith('2.14.1'), 'installing the extra replaced torch'
 for op in ('gather_tokens', 'scatter_tokens'):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f'mae_kernels::{op}', 'CUDA'), op
 assert tokens.LIBRARY.name.startswith('_C'), 'the install did not build the extension'
 " tests -m "not slow"
 
 stage "lowest: Python 3.10, torch 2.11 + CUDA 13.0, triton 3.6, plain pip install -e ."
-row lowest 3.10 2.11.0 "" "assert triton.__version__.startswith('3.6'), triton.__version__" \
+row lowest 3.10 torch==2.11.0 "" test "assert triton.__version__.startswith('3.6'), triton.__version__" \
   tests -m "not slow"
 
 stage "plain: pip install torch==2.13.0 && pip install -e ."
-row plain 3.11 2.13.0 "" "" tests/test_ops.py tests/test_dispatch.py
+row plain 3.11 torch==2.13.0 "" test "" tests/test_ops.py tests/test_dispatch.py

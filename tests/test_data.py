@@ -39,7 +39,10 @@ def test_flat_image_folder_and_splits(tmp_path):
     ds = ImageFolderDataset(tmp_path, 8, train=True)
     assert len(ds) == 3 and ds.classes == ["images"]
     assert ds[1][0].shape == (3, 8, 8)
-    assert len(build_dataset(tmp_path, 8, "val", augment=False)) == 3
+    assert len(build_dataset(tmp_path, 8, "val", augment=False, required=False)) == 3
+    # a labelled split (probing, fine-tuning) is never silently the training images
+    with pytest.raises(FileNotFoundError, match="no 'val' split"):
+        build_dataset(tmp_path, 8, "val", augment=False)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):

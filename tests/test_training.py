@@ -13,18 +13,17 @@ from PIL import Image
 
 from mae import checkpoint as ckpt
 from mae import pretrain as pretrain_module
-from mae.cli import build_parser, main
+from mae.cli import main, parse_args
 from mae.models import MaskedAutoencoderViT
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--input-size", "16", "--patch-size", "4",
         "--batch-size", "8", "--dataset-size", "32", "--num-workers", "0", "--log-every", "2",
-        "--blr", "1e-3", "--quiet", "--device", "cpu"]
+        "--blr", "1e-3", "--warmup-epochs", "1", "--quiet", "--device", "cpu"]
 
 
 def run_pretrain(out, *extra):
-    args = build_parser().parse_args(["pretrain", *TINY, "--output-dir", str(out), *extra])
-    args.resume = args.resume or None
-    return pretrain_module.pretrain(args)
+    return pretrain_module.pretrain(parse_args(["pretrain", *TINY, "--output-dir", str(out),
+                                                *extra]))
 
 
 def state_of(path):
@@ -45,7 +44,8 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(tmp_path / "stopped", "--epochs", "3")
     monkeypatch.setattr(pretrain_module, "train_one_epoch", real_epoch)
-    assert ckpt.latest_checkpoint(tmp_path / "stopped").name == "checkpoint-1.pth"
+    stopped = ckpt.latest_checkpoint(tmp_path / "stopped")
+    assert stopped.name == "checkpoint-last.pth" and state_of(stopped)["epoch"] == 1
     run_pretrain(tmp_path / "stopped", "--epochs", "3", "--resume", "auto")
 
     a = state_of(tmp_path / "straight" / "checkpoint-2.pth")
@@ -96,8 +96,9 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "non-finite loss at step 5" in err
     # epoch 0 (steps 0-3) finished and was saved; nothing after it was written
-    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-0.pth"
-    ckpt.load_checkpoint(tmp_path / "checkpoint-0.pth")
+    assert state_of(ckpt.latest_checkpoint(tmp_path))["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-0.pth", "checkpoint-last.pth"]
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
@@ -142,7 +143,7 @@ def test_ddp_two_cpu_processes_on_gloo(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == [
-        "checkpoint-0.pth", "checkpoint-1.pth"]
+        "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth"]
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1]  # rank 0 alone writes
@@ -166,8 +167,8 @@ def test_pretraining_learns_and_beats_random_encoder(tmp_path):
 
     probe = ["linprobe", "--checkpoint", str(tmp_path / "checkpoint-31.pth"), "--epochs", "60",
              "--train-size", "2048", "--val-size", "1000", "--quiet", "--device", "cpu"]
-    trained = linprobe(build_parser().parse_args(probe))["top1"]
-    random_init = linprobe(build_parser().parse_args(probe + ["--random-init"]))["top1"]
+    trained = linprobe(parse_args(probe))["top1"]
+    random_init = linprobe(parse_args(probe + ["--random-init"]))["top1"]
     print(f"linear probe top-1: trained {trained:.1f}%, random init {random_init:.1f}%")
     assert trained > random_init + 8, (trained, random_init)
 

@@ -1,0 +1,285 @@
+"""`mae finetune`: end-to-end fine-tuning of a pre-trained MAE encoder for classification, with
+the recipe of facebookresearch/mae's main_finetune.py and FINETUNE.md: a timm ViT with a
+global-pool head and fc_norm, layer-wise lr decay, drop path, RandAugment, random erasing,
+mixup/cutmix with label smoothing, warmup + half-cycle cosine, AMP, DDP, top-1/top-5.
+
+timm (which needs torchvision) provides what the official code takes from it: the ViT, Mixup,
+create_transform/RandAugment/RandomErasing, the soft-target losses, the layer-decay groups.
+It is an extra: `pip install -e ".[finetune]"`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, load_checkpoint, model_weights
+from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from .engine import (
+    make_loader,
+    resume_from,
+    save_epoch,
+    seed_epoch,
+    start_run,
+    train_one_epoch,
+    wrap_for_training,
+)
+from .models import MODEL_CONFIGS, resolve_config
+from .pos_embed import interpolate_pos_embed
+from .pretrain import model_config_of
+
+# Without --data-path (the built-in data set) the run is the demo: the README's ViT-Tiny at
+# 32x32 with 8x8 patches, minutes on a CPU. Otherwise main_finetune.py's defaults.
+DEMO_DEFAULTS = dict(model="vit_tiny_patch16", input_size=32, patch_size=8, epochs=30,
+                     warmup_epochs=3)
+OFFICIAL_DEFAULTS = dict(model="vit_large_patch16", input_size=224, epochs=50, warmup_epochs=5)
+# FINETUNE.md: 0.65 for ViT-B, 0.75 for ViT-L/H (and main_finetune.py's default elsewhere).
+LAYER_DECAY = {"vit_base_patch16": 0.65}
+
+
+def require_timm():
+    try:
+        import timm  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"mae finetune needs timm and torchvision ({exc}); install the extra: "
+            f"pip install -e \".[finetune]\" (with torch 2.14.1: pip install torch==2.14.1 "
+            f"torchvision==0.29.1 first, so pip keeps your torch)"
+        ) from exc
+
+
+def vit_config(name: str, **overrides) -> dict:
+    """The encoder of a named MAE model (`vit_base_patch16` or `mae_vit_base_patch16`)."""
+    key = name if name.startswith("mae_") else f"mae_{name}"
+    if key not in MODEL_CONFIGS:
+        names = sorted(k.removeprefix("mae_") for k in MODEL_CONFIGS)
+        raise ValueError(f"--model must be one of {names}, got {name!r}")
+    return encoder_of(resolve_config({**MODEL_CONFIGS[key], **overrides}))
+
+
+def encoder_of(mae_config: dict) -> dict:
+    return {k: mae_config[k] for k in ("img_size", "patch_size", "in_chans", "encoder_dim",
+                                       "encoder_layers", "encoder_heads", "mlp_ratio")}
+
+
+def build_vit(config: dict, num_classes: int, drop_path: float, global_pool: bool):
+    """main_finetune.py's model: timm's VisionTransformer with the MAE encoder's parameter names
+    (so pre-trained weights load by name), a global-average-pool head with fc_norm (or the cls
+    token with the final norm), drop path, head initialised at std 2e-5."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    img = config["img_size"]
+    model = VisionTransformer(
+        img_size=tuple(img) if isinstance(img, list) else img, patch_size=config["patch_size"],
+        in_chans=config["in_chans"], num_classes=num_classes, embed_dim=config["encoder_dim"],
+        depth=config["encoder_layers"], num_heads=config["encoder_heads"],
+        mlp_ratio=config["mlp_ratio"], qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path,
+        global_pool="avg" if global_pool else "token", fc_norm=global_pool,
+    )
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    return model
+
+
+def load_pretrained(model, state: dict, path) -> dict:
+    """Loads the encoder of a pre-training checkpoint's contents (ours, an official MAE one, or a
+    .safetensors export) into `model`, resizing the positional embedding to its grid; the decoder
+    is dropped. Returns what was not loaded, checked as the official code does."""
+    weights = dict(model_weights(state))
+    own = model.state_dict()
+    for key in ("head.weight", "head.bias"):
+        if key in weights and weights[key].shape != own[key].shape:
+            del weights[key]  # another data set's classifier
+    weights = {k: v for k, v in weights.items()
+               if not k.startswith(("decoder", "mask_token"))}
+    interpolate_pos_embed(model, weights, keys=("pos_embed",))
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--finetune {path}: its encoder does not fit --model "
+                              f"(pass the --model it was pre-trained as): {exc}") from exc
+    allowed_missing = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    if set(result.missing_keys) - allowed_missing:
+        raise CheckpointError(f"--finetune {path}: no weights for "
+                              f"{sorted(set(result.missing_keys) - allowed_missing)}")
+    return {"missing": result.missing_keys, "unexpected": result.unexpected_keys}
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """An image data set's PIL images (`load(index)`) through a torchvision/timm transform."""
+
+    def __init__(self, base, transform):
+        self.base = base
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        img, label = self.base.load(index)
+        return None if img is None else (self.transform(img), label)
+
+
+def train_transform(args):
+    from timm.data import create_transform
+
+    size = args.input_size if isinstance(args.input_size, int) else tuple(args.input_size)
+    return create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
+                            auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
+                            re_mode=args.remode, re_count=args.recount, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp_dtype) -> dict:
+    """Top-1, top-5 (%) and cross-entropy over the loader, summed over every rank."""
+    from timm.utils import accuracy
+
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, images
+    for imgs, labels, _ in loader:
+        if imgs is None:
+            continue
+        imgs, labels = imgs.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(imgs)
+        k = min(5, logits.shape[1])
+        top1, topk = accuracy(logits.float(), labels, topk=(1, k))
+        n = imgs.shape[0]
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        totals += torch.stack([top1 * n / 100, topk * n / 100, loss * n,
+                               torch.tensor(float(n), device=device)]).double()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    n = max(totals[3].item(), 1.0)
+    return {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n,
+            "loss": totals[2].item() / n, "images": int(totals[3].item())}
+
+
+def apply_defaults(args, pretrained_config: dict | None) -> None:
+    """Demo or official defaults for unset flags; the architecture of our own pre-training
+    checkpoints is read from them."""
+    demo = args.data_path is None
+    defaults = DEMO_DEFAULTS if demo else OFFICIAL_DEFAULTS
+    if pretrained_config is not None:  # the checkpoint says what it is
+        defaults = {**defaults, "model": None, "input_size": pretrained_config["img_size"],
+                    "patch_size": pretrained_config["patch_size"]}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.model is not None:
+        config = vit_config(args.model)
+    else:
+        config = encoder_of(pretrained_config)
+    config = {**config, "img_size": args.input_size}
+    if args.patch_size:
+        config["patch_size"] = args.patch_size
+    args.vit_config = encoder_of(resolve_config(config))
+    if args.layer_decay is None:
+        args.layer_decay = LAYER_DECAY.get((args.model or "").removeprefix("mae_"), 0.75)
+
+
+def finetune(args) -> dict:
+    require_timm()
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import param_groups_layer_decay
+
+    pretrained, pretrained_config = None, None
+    if args.finetune:
+        pretrained = load_checkpoint(args.finetune, trust=args.unsafe_trust_checkpoint)
+        saved = pretrained.get("args")
+        if isinstance(saved, dict) and saved.get("vit_config"):  # one of our fine-tunings
+            pretrained_config = saved["vit_config"]
+        elif isinstance(saved, dict) and (saved.get("model_config")
+                                          or saved.get("model") in MODEL_CONFIGS):
+            pretrained_config = encoder_of(model_config_of(saved))
+    apply_defaults(args, pretrained_config)
+    rank, world_size, device, log = start_run(args)
+    main = rank == 0
+    size = args.input_size
+    train_base = build_dataset(args.data_path, size, "train", augment=True, seed=args.seed,
+                               length=args.dataset_size)
+    val_set = build_dataset(args.data_path, size, "val", augment=False, length=args.val_size)
+    train_set = TransformedDataset(train_base, train_transform(args))
+    num_classes = args.nb_classes or len(train_base.classes)
+    sampler, loader = make_loader(train_set, args, rank, world_size, device)
+    _, val_loader = make_loader(val_set, args, rank, world_size, device, train=False)
+
+    model = build_vit(args.vit_config, num_classes, args.drop_path, args.global_pool)
+    if args.finetune and not args.resume:
+        loaded = load_pretrained(model, pretrained, args.finetune)
+        if main:
+            print(f"loaded the encoder of {args.finetune}; not in it: {loaded['missing']}")
+    model.to(device)
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    groups = param_groups_layer_decay(model, args.weight_decay,
+                                      no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    if args.eval:
+        source = args.resume or args.finetune
+        if not source:
+            raise ValueError("--eval needs the fine-tuned weights: --resume CHECKPOINT")
+        if args.resume:
+            model.load_state_dict(model_weights(load_checkpoint(
+                args.resume, trust=args.unsafe_trust_checkpoint)))
+        stats = {"checkpoint": str(source), **evaluate(model, val_loader, device, amp_dtype)}
+        if main:
+            print(json.dumps(stats))
+        return stats
+    start_epoch = resume_from(args, model, optimizer, scaler, main)
+    train_model = wrap_for_training(model, args, world_size, device)
+
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                      cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    def loss_fn(m, imgs, labels):
+        if mixup is not None:
+            if imgs.shape[0] % 2:  # mixup pairs images; a batch that lost an unreadable one
+                imgs, labels = imgs[:-1], labels[:-1]
+            imgs, labels = mixup(imgs, labels)
+        return criterion(m(imgs), labels)
+
+    if main:
+        print(f"fine-tuning {args.model or 'the checkpoint encoder'}: {args.input_size}px, patch "
+              f"{args.vit_config['patch_size']}, {num_classes} classes, {len(train_set)} "
+              f"images, effective batch {eff_batch}, lr {lr:.2e}, layer decay "
+              f"{args.layer_decay}, {world_size} process(es) on {device.type}")
+    summary = {"epochs": []}
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch,
+                                        args, log, lr, loss_fn)
+        stats = evaluate(model, val_loader, device, amp_dtype)
+        record = dict(kind="epoch", epoch=epoch, loss=loss, skipped_images=skipped,
+                      seconds=time.perf_counter() - start,
+                      **{f"val_{k}": v for k, v in stats.items()})
+        summary["epochs"].append(record)
+        if not main:
+            continue
+        log.write(**record)
+        print(f"epoch {epoch}: loss {loss:.4f}, val top-1 {stats['top1']:.1f} top-5 "
+              f"{stats['top5']:.1f} ({stats['images']} images)")
+        save_epoch(args, model, optimizer, scaler, epoch, len(loader))
+    summary.update(summary["epochs"][-1] if summary["epochs"] else {})
+    summary["max_top1"] = max((r["val_top1"] for r in summary["epochs"]), default=None)
+    return summary

@@ -1,0 +1,128 @@
+"""`mae finetune` (needs the [finetune] extra: timm): the official flags, layer-wise lr decay,
+loading our and official pre-training checkpoints, exact resume, and proof that fine-tuning a
+pre-trained encoder beats training from scratch and linear probing."""
+import argparse
+
+import pytest
+import torch
+
+from mae import MAE
+from mae import checkpoint as ckpt
+from mae.cli import main, parse_args
+
+pytest.importorskip("timm", reason="the [finetune] extra (timm, torchvision) is not installed")
+
+from mae import finetune as finetune_module  # noqa: E402
+
+FAST = ["--input-size", "16", "--patch-size", "4", "--batch-size", "8", "--dataset-size", "32",
+        "--val-size", "16", "--num-workers", "0", "--warmup-epochs", "1", "--quiet",
+        "--device", "cpu"]
+
+
+def pretrained_checkpoint(tmp_path):
+    out = tmp_path / "pre"
+    assert main(["pretrain", "--model", "mae_vit_tiny_patch16", "--input-size", "16",
+                 "--patch-size", "4", "--batch-size", "8", "--dataset-size", "16",
+                 "--num-workers", "0", "--epochs", "1", "--quiet", "--device", "cpu",
+                 "--output-dir", str(out)]) == 0
+    return out / "checkpoint-last.pth"
+
+
+def test_official_command_lines_parse():
+    """FINETUNE.md's fine-tuning and evaluation commands and PRETRAIN.md's, as written."""
+    fine = parse_args(["finetune", "--batch_size", "32", "--model", "vit_base_patch16",
+                       "--finetune", "mae_pretrain_vit_base.pth", "--epochs", "100",
+                       "--blr", "5e-4", "--layer_decay", "0.65", "--weight_decay", "0.05",
+                       "--drop_path", "0.1", "--mixup", "0.8", "--cutmix", "1.0",
+                       "--reprob", "0.25", "--dist_eval", "--data_path", "/data/imagenet"])
+    assert (fine.layer_decay, fine.mixup, fine.cutmix, fine.reprob) == (0.65, 0.8, 1.0, 0.25)
+    assert fine.global_pool and fine.aa == "rand-m9-mstd0.5-inc1" and fine.smoothing == 0.1
+    evaluate = parse_args(["finetune", "--eval", "--resume", "mae_finetuned_vit_base.pth",
+                           "--model", "vit_base_patch16", "--batch_size", "16",
+                           "--data_path", "/data/imagenet"])
+    assert evaluate.eval and evaluate.resume == "mae_finetuned_vit_base.pth"
+    assert not parse_args(["finetune", "--cls_token"]).global_pool
+    pre = parse_args(["pretrain", "--batch_size", "64", "--model", "mae_vit_large_patch16",
+                      "--norm_pix_loss", "--mask_ratio", "0.75", "--epochs", "800",
+                      "--warmup_epochs", "40", "--blr", "1.5e-4", "--weight_decay", "0.05",
+                      "--data_path", "/data/imagenet"])
+    assert pre.norm_pix_loss and pre.epochs == 800
+
+
+def test_layer_wise_lr_decay_groups():
+    from timm.optim import param_groups_layer_decay
+
+    from mae.optim import set_lr
+
+    config = finetune_module.vit_config("vit_tiny_patch16", img_size=16, patch_size=4,
+                                        encoder_layers=3)
+    model = finetune_module.build_vit(config, num_classes=5, drop_path=0.1, global_pool=True)
+    groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(optimizer, 0.1)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["head.weight"])] == pytest.approx(0.1)
+    assert lr_of[id(named["blocks.2.attn.qkv.weight"])] == pytest.approx(0.1 * 0.5)
+    assert lr_of[id(named["blocks.0.attn.qkv.weight"])] == pytest.approx(0.1 * 0.5**3)
+    assert lr_of[id(named["patch_embed.proj.weight"])] == pytest.approx(0.1 * 0.5**4)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay[id(named["pos_embed"])] == 0 and decay[id(named["blocks.0.norm1.weight"])] == 0
+    assert decay[id(named["blocks.0.mlp.fc1.weight"])] == 0.05
+
+
+def test_loads_an_official_checkpoint_at_another_input_size(tmp_path):
+    """An official pre-training checkpoint (weights under 'model', args a Namespace, decoder
+    included) fine-tunes at a larger input: the encoder loads, pos_embed is interpolated."""
+    mae = MAE.from_name("mae_vit_tiny_patch16", img_size=16, patch_size=4, encoder_layers=2)
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": mae.state_dict(),
+                "args": argparse.Namespace(model="mae_vit_tiny_patch16", input_size=16)}, path)
+    config = finetune_module.vit_config("vit_tiny_patch16", img_size=24, patch_size=4,
+                                        encoder_layers=2)
+    model = finetune_module.build_vit(config, num_classes=3, drop_path=0.0, global_pool=True)
+    result = finetune_module.load_pretrained(model, ckpt.load_checkpoint(path), path)
+    assert sorted(result["missing"]) == ["fc_norm.bias", "fc_norm.weight", "head.bias",
+                                         "head.weight"]
+    assert torch.equal(model.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
+    assert model.pos_embed.shape == (1, 1 + 36, 192)
+    assert torch.equal(model.pos_embed[0, 0], mae.pos_embed[0, 0])
+
+
+def test_a_malicious_checkpoint_runs_no_code(tmp_path, capsys):
+    from .test_cli import RunsCode
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": RunsCode(f"touch {marker}")}, path)
+    assert main(["finetune", *FAST, "--finetune", str(path), "--output-dir",
+                 str(tmp_path / "out")]) == 1
+    assert "could run code" in capsys.readouterr().err and not marker.exists()
+
+
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
+    """Mixup, RandAugment, random erasing and drop path all draw the same after a resume."""
+    checkpoint = pretrained_checkpoint(tmp_path)
+    argv = ["finetune", *FAST, "--finetune", str(checkpoint), "--epochs", "3"]
+    assert main([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
+    real_epoch = finetune_module.train_one_epoch
+
+    def killed_in_epoch_two(*args):
+        if args[5] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args)
+
+    monkeypatch.setattr(finetune_module, "train_one_epoch", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--output-dir", str(tmp_path / "stopped")])
+    monkeypatch.setattr(finetune_module, "train_one_epoch", real_epoch)
+    assert main([*argv, "--output-dir", str(tmp_path / "stopped"), "--resume", "auto"]) == 0
+    a = ckpt.load_checkpoint(tmp_path / "straight" / "checkpoint-last.pth")
+    b = ckpt.load_checkpoint(tmp_path / "stopped" / "checkpoint-last.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    evaluated = main(["finetune", *FAST, "--eval", "--resume",
+                      str(tmp_path / "straight" / "checkpoint-last.pth"),
+                      "--output-dir", str(tmp_path / "eval")])
+    assert evaluated == 0
