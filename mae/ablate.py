@@ -41,8 +41,9 @@ def settings(mask_ratios: list[float], depths: list[int]) -> list[dict]:
     return unique
 
 
-def run_setting(setting: dict, args, out: Path) -> dict:
-    from .cli import parse_args
+def run_setting(setting: dict, args, out: Path, parse_args) -> dict:
+    """Pre-trains and probes one setting; `parse_args` is the CLI's, so that each run gets
+    exactly the defaults the documented commands get."""
     from .linprobe import linprobe
     from .pretrain import pretrain
 
@@ -101,7 +102,7 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def ablate(args) -> list[dict]:
+def ablate(args, parse_args) -> list[dict]:
     ratios = parse_list(args.mask_ratios, float, "mask-ratios")
     depths = parse_list(args.decoder_depths, int, "decoder-depths")
     out = Path(args.output_dir)
@@ -110,7 +111,7 @@ def ablate(args) -> list[dict]:
     results = []
     for setting in settings(ratios, depths):
         name = f"ratio{setting['mask_ratio']:g}-depth{setting['decoder_depth']}"
-        results.append(run_setting(setting, args, out / name))
+        results.append(run_setting(setting, args, out / name, parse_args))
         print(json.dumps(results[-1]))
         (out / "ablation.json").write_text(json.dumps(results, indent=1))
     header = (f"Built-in data, `{DEMO_DEFAULTS['model']}` at {DEMO_DEFAULTS['input_size']}px, "

@@ -84,7 +84,7 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     fine = sub.add_parser("finetune", help="fine-tune a pre-trained encoder (needs the "
                                            "[finetune] extra: timm)")
     _common(fine)
-    _training(fine, batch_size=64, blr=1e-3, weight_decay=0.05, min_lr=1e-6)
+    _training(fine, batch_size=64, blr=None, weight_decay=0.05, min_lr=1e-6)
     _flag(fine, "model", default=None,
           help="vit_{tiny,small,base,large}_patch16 or vit_huge_patch14; default: the "
                "architecture saved in --finetune, else vit_large_patch16 (demo: vit_tiny)")
@@ -95,13 +95,13 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _flag(fine, "layer-decay", type=float, default=None,
           help="layer-wise lr decay (default 0.65 for vit_base, else 0.75)")
     _flag(fine, "color-jitter", type=float, default=None)
-    _flag(fine, "aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy")
+    _flag(fine, "aa", default=None, help="RandAugment policy ('none': off)")
     _flag(fine, "smoothing", type=float, default=0.1)
-    _flag(fine, "reprob", type=float, default=0.25)
+    _flag(fine, "reprob", type=float, default=None, help="random erasing probability")
     _flag(fine, "remode", default="pixel")
     _flag(fine, "recount", type=int, default=1)
-    _flag(fine, "mixup", type=float, default=0.8)
-    _flag(fine, "cutmix", type=float, default=1.0)
+    _flag(fine, "mixup", type=float, default=None)
+    _flag(fine, "cutmix", type=float, default=None)
     _flag(fine, "cutmix-minmax", type=float, nargs=2, default=None)
     _flag(fine, "mixup-prob", type=float, default=1.0)
     _flag(fine, "mixup-switch-prob", type=float, default=0.5)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         else:
             from .ablate import ablate
 
-            ablate(args)
+            ablate(args, parse_args)
     except (NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

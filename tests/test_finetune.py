@@ -2,6 +2,10 @@
 loading our and official pre-training checkpoints, exact resume, and proof that fine-tuning a
 pre-trained encoder beats training from scratch and linear probing."""
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,7 +40,12 @@ def test_official_command_lines_parse():
                        "--drop_path", "0.1", "--mixup", "0.8", "--cutmix", "1.0",
                        "--reprob", "0.25", "--dist_eval", "--data_path", "/data/imagenet"])
     assert (fine.layer_decay, fine.mixup, fine.cutmix, fine.reprob) == (0.65, 0.8, 1.0, 0.25)
+    finetune_module.apply_defaults(fine, None)  # a user's data set: the official recipe
     assert fine.global_pool and fine.aa == "rand-m9-mstd0.5-inc1" and fine.smoothing == 0.1
+    assert fine.vit_config["encoder_dim"] == 768 and fine.vit_config["patch_size"] == 16
+    large = parse_args(["finetune", "--model", "vit_large_patch16", "--data_path", "/d"])
+    finetune_module.apply_defaults(large, None)
+    assert (large.layer_decay, large.mixup, large.cutmix, large.blr) == (0.75, 0.8, 1.0, 1e-3)
     evaluate = parse_args(["finetune", "--eval", "--resume", "mae_finetuned_vit_base.pth",
                            "--model", "vit_base_patch16", "--batch_size", "16",
                            "--data_path", "/data/imagenet"])
@@ -126,3 +135,41 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
                       str(tmp_path / "straight" / "checkpoint-last.pth"),
                       "--output-dir", str(tmp_path / "eval")])
     assert evaluated == 0
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    """DDP on gloo: both ranks train, evaluation is summed over the ranks' shares."""
+    checkpoint = pretrained_checkpoint(tmp_path)
+    torchrun = f"{sys.executable} -m torch.distributed.run"  # this interpreter, not PATH's
+    cmd = [*torchrun.split(), "--standalone", "--nproc_per_node=2", "-m", "mae.cli",
+           "finetune", *FAST, "--finetune", str(checkpoint), "--epochs", "1",
+           "--output-dir", str(tmp_path / "ddp")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
+    epoch = [r for r in records if r["kind"] == "epoch"]
+    assert len(epoch) == 1 and epoch[0]["val_images"] == 16  # 2 ranks x 8 images
+    # 32 images, 2 processes x batch 8: 2 steps per epoch each
+    assert ckpt.load_checkpoint(tmp_path / "ddp" / "checkpoint-last.pth")["step"] == 2
+
+
+def test_finetuning_beats_training_from_scratch_and_linear_probing(tmp_path):
+    """A shorter version of the README's demo: the pre-trained encoder, fine-tuned, beats the
+    same ViT trained from scratch with the same recipe and budget, and beats probing it."""
+    from mae.finetune import finetune
+    from mae.linprobe import linprobe
+
+    data = ["--dataset-size", "2048", "--num-workers", "1", "--quiet", "--device", "cpu"]
+    assert main(["pretrain", "--norm-pix-loss", "--epochs", "32", *data,
+                 "--output-dir", str(tmp_path / "pre")]) == 0
+    encoder = str(tmp_path / "pre" / "checkpoint-last.pth")
+    tune = ["finetune", "--epochs", "6", "--warmup-epochs", "1", "--val-size", "1000", *data]
+    tuned = finetune(parse_args([*tune, "--finetune", encoder,
+                                 "--output-dir", str(tmp_path / "ft")]))["val_top1"]
+    scratch = finetune(parse_args([*tune, "--output-dir", str(tmp_path / "scratch")]))["val_top1"]
+    probed = linprobe(parse_args(["linprobe", "--checkpoint", encoder, "--epochs", "60",
+                                  "--train-size", "2048", "--val-size", "1000", "--quiet",
+                                  "--device", "cpu"]))["top1"]
+    print(f"top-1: fine-tuned {tuned:.1f}, from scratch {scratch:.1f}, linear probe {probed:.1f}")
+    assert tuned > scratch + 5 and tuned > probed + 5, (tuned, scratch, probed)

@@ -2,7 +2,6 @@
 non-finite loss, figures, and proof that it learns."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -136,7 +135,7 @@ def test_figure_log_and_visualize(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_on_gloo(tmp_path):
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    torchrun = f"{sys.executable} -m torch.distributed.run"  # this interpreter, not PATH's
     cmd = [*torchrun.split(), "--standalone", "--nproc_per_node=2", "-m", "mae.cli",
            "pretrain", *TINY, "--epochs", "2", "--output-dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -185,7 +184,7 @@ def test_every_rank_gets_its_own_gpu_under_torchrun(tmp_path):
         "int(os.environ['LOCAL_RANK'])), distributed.device_for_rank('cuda:3', 1), "
         "distributed.device_for_rank('cpu', 1), flush=True)\n"
     )
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    torchrun = f"{sys.executable} -m torch.distributed.run"  # this interpreter, not PATH's
     result = subprocess.run([*torchrun.split(), "--standalone", "--nproc_per_node=2",
                              str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
