@@ -33,13 +33,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely, or does not hold what the command needs."""
 
 
-def atomic_save(obj, path) -> Path:
+def _write_atomically(path, write) -> Path:
+    """`write(f)` into a temporary file beside `path`, flushed to disk, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,6 +53,10 @@ def atomic_save(obj, path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def atomic_save(obj, path) -> Path:
+    return _write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def save_training_state(state: dict, output_dir, epoch: int, epochs: int, save_every: int):
@@ -106,23 +111,13 @@ def load_checkpoint(path, map_location="cpu", trust: bool = False) -> dict:
 
 def export_safetensors(state: dict, path) -> Path:
     """The model weights of a checkpoint as a .safetensors file, its args in the metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights = {k: v.detach().contiguous().clone() for k, v in model_weights(state).items()}
     metadata = {"format": "pt"}
     if state.get("args") is not None:
         metadata["args"] = json.dumps(state["args"], default=str)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(weights, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _write_atomically(path, lambda f: f.write(save(weights, metadata=metadata)))
 
 
 def _load_safetensors(path: Path, map_location) -> dict:

@@ -82,7 +82,7 @@ def make_loader(dataset, args, rank: int, world_size: int, device, train: bool =
 
 def wrap_for_training(model, args, world_size: int, device):
     """torch.compile (--compile) and DistributedDataParallel around the model."""
-    train_model = torch.compile(model) if getattr(args, "compile", False) else model
+    train_model = torch.compile(model) if args.compile else model
     if world_size > 1:
         train_model = DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
@@ -95,7 +95,6 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
     epoch's mean loss and the skipped-image count."""
     model.train()
     amp_dtype = AMP_DTYPES[args.amp]
-    clip_grad = getattr(args, "clip_grad", None)
     steps_per_epoch = len(loader)
     main = distributed.is_main()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not main or args.quiet, leave=False,
@@ -124,9 +123,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
                     loss = loss_fn(model, imgs, labels)
                 scaler.scale(loss / args.accum_iter).backward()
             if boundary:
-                if clip_grad is not None:
+                if args.clip_grad is not None:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -191,9 +190,8 @@ def resume_from(args, model, optimizer, scaler, main: bool) -> int:
     return state["epoch"] + 1
 
 
-def save_epoch(args, model, optimizer, scaler, epoch: int, steps_per_epoch: int,
-               **extra) -> None:
+def save_epoch(args, model, optimizer, scaler, epoch: int, steps_per_epoch: int) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "epoch": epoch,
-             "step": (epoch + 1) * steps_per_epoch, "args": vars(args), **extra}
+             "step": (epoch + 1) * steps_per_epoch, "args": vars(args)}
     save_training_state(state, args.output_dir, epoch, args.epochs, args.save_every)

@@ -19,6 +19,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_checkpoint, model_weights
 from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from .engine import (
+    AMP_DTYPES,
     make_loader,
     resume_from,
     save_epoch,
@@ -230,7 +231,7 @@ def finetune(args) -> dict:
                                       layer_decay=args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    amp_dtype = AMP_DTYPES[args.amp]
 
     if args.eval:
         source = args.resume or args.finetune
