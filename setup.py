@@ -69,12 +69,17 @@ setup(
         "safetensors",  # mae export
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "scikit-learn",
+                 "scikit-image"],
         # timm needs torchvision; install the torchvision of your torch first (torch 2.14.1:
         # torchvision 0.29.1) so pip does not replace torch.
         # Pillow 13 rejects posterize(bits=0), which timm's RandAugment ("rand-m9-mstd0.5-inc1")
         # asks for at its highest magnitude.
         "finetune": ["timm>=1.0.20", "torchvision", "pillow<13"],
+        # video files for `mae pretrain --video --data-path` (frame folders need nothing)
+        "video": ["av>=14"],
+        # `mae anomaly --synthetic`: AUROC
+        "anomaly": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["mae=mae.cli:main"]},
 )

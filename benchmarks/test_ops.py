@@ -79,24 +79,65 @@ def _randn(*shape, dtype=torch.float32, grad=False):
     return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
 
 
-@token_cases(ENCODER)
-def test_random_masking(benchmark, impl, shape, dtype, backward):
-    op = _select(benchmark, impl, "random_masking")
+# name -> (call, noise shape for (B, L), grid-dependent): how each masking op is called at MAE-B
+# sizes (a 14x14 grid; grid masking keeps 1 in 4 = the 75% ratio of the others)
+MASKINGS = {
+    "random_masking": (lambda op, x, noise: op(x, RATIO, noise), lambda B, L: (B, L)),
+    "block_masking": (lambda op, x, noise: op(x, RATIO, (14, 14), noise),
+                      lambda B, L: (B, L, 5)),
+    "grid_masking": (lambda op, x, noise: op(x, (14, 14)), None),
+}
+# VideoMAE-B: 16 frames in tubelets of 2 -> 8 temporal positions of 14x14, 90% masked
+if CUDA:
+    VIDEO = [(B, 8 * 196, 768) for B in (16, 64)]
+else:
+    VIDEO = [(4, 8 * 196, 768)]
+TUBE_FRAMES, TUBE_RATIO = 8, 0.9
+
+
+def _masking_case(benchmark, impl, name, shape, dtype, backward, call, noise_shape):
+    """One masking op: x (B, L, D) -> (x_masked, mask, ids_restore); bytes moved: the noise
+    read, mask and ids_restore written, the kept rows read and written (and, backward, the
+    gradient read and scattered into a zeroed x-sized gradient)."""
+    op = _select(benchmark, impl, name)
     B, L, D = shape
-    K = int(L * (1 - RATIO))
+    noise_numel = 0 if noise_shape is None else torch.Size(noise_shape).numel()
+
+    def noise():
+        return None if noise_shape is None else torch.rand(noise_shape, device=DEVICE)
+
+    K = call(getattr(reference, name), _randn(B, L, D, dtype=dtype), noise())[0].shape[1]
 
     def make():
-        return (_randn(B, L, D, dtype=dtype, grad=backward), torch.rand(B, L, device=DEVICE),
+        return (_randn(B, L, D, dtype=dtype, grad=backward), noise(),
                 _randn(B, K, D, dtype=dtype) if backward else None)
 
     def run(x, noise, grad):
-        out = op(x, RATIO, noise)
+        out = call(op, x, noise)
         return _grad_of(out[0], x, grad) if backward else out
 
     es = torch.tensor([], dtype=dtype).element_size()
-    moved = B * L * (4 + 4 + 8) + 2 * B * K * D * es + (B * K * D * es + B * L * D * es) * backward
-    run_case(benchmark, run, make, moved, op="random_masking", impl=impl, shape=list(shape),
+    moved = (noise_numel * 4 + B * L * (4 + 8) + 2 * B * K * D * es
+             + (B * K * D * es + B * L * D * es) * backward)
+    run_case(benchmark, run, make, moved, op=name, impl=impl, shape=list(shape),
              dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")
+
+
+@token_cases(ENCODER)
+@pytest.mark.parametrize("name", list(MASKINGS))
+def test_masking(benchmark, name, impl, shape, dtype, backward):
+    call, noise_shape = MASKINGS[name]
+    B, L, _ = shape
+    _masking_case(benchmark, impl, name, shape, dtype, backward, call,
+                  noise_shape(B, L) if noise_shape else None)
+
+
+@token_cases(VIDEO)
+def test_tube_masking(benchmark, impl, shape, dtype, backward):
+    B, L, _ = shape
+    _masking_case(benchmark, impl, "tube_masking", shape, dtype, backward,
+                  lambda op, x, noise: op(x, TUBE_RATIO, TUBE_FRAMES, noise),
+                  (B, L // TUBE_FRAMES))
 
 
 @token_cases(DECODER)
@@ -130,45 +171,61 @@ def test_unshuffle(benchmark, impl, shape, dtype, backward):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", IMAGES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_mae_loss(benchmark, impl, B, dtype, norm_pix_loss, backward):
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_mae_loss(benchmark, video, impl, B, dtype, norm_pix_loss, backward):
+    """Images: ViT-B/16 at 75%; videos: VideoMAE-B (16 frames, 2x16x16 tubelets) at 90%."""
     op = _select(benchmark, impl, "mae_loss")
-    L, E = (224 // PATCH) ** 2, PATCH * PATCH * 3
+    ratio, tubelet = (TUBE_RATIO, 2) if video else (RATIO, 1)
+    shape = (max(1, B // 8), 3, 16, 224, 224) if video else (B, 3, 224, 224)
+    L = (224 // PATCH) ** 2 * (shape[2] // tubelet if video else 1)
+    E = tubelet * PATCH * PATCH * 3
 
     def make():
-        mask = (torch.rand(B, L, device=DEVICE).argsort(1) >= int(L * (1 - RATIO))).float()
-        return (_randn(B, 3, 224, 224, dtype=dtype), _randn(B, L, E, dtype=dtype, grad=backward),
-                mask)
+        mask = (torch.rand(shape[0], L, device=DEVICE).argsort(1)
+                >= int(L * (1 - ratio))).float()
+        return _randn(*shape, dtype=dtype), _randn(shape[0], L, E, dtype=dtype, grad=backward), mask
 
     def run(imgs, pred, mask):
-        loss = op(imgs, pred, mask, PATCH, norm_pix_loss)
+        loss = op(imgs, pred, mask, PATCH, norm_pix_loss, tubelet)
         return _grad_of(loss, pred, None) if backward else loss
 
     es = torch.tensor([], dtype=dtype).element_size()
-    masked = RATIO * B * L * E * es  # the removed patches of the image and of pred
-    moved = int(2 * masked + B * L * 4 + (2 * masked + B * L * E * es) * backward)
-    run_case(benchmark, run, make, moved, op="mae_loss", impl=impl, shape=[B, 3, 224, 224],
-             dtype=str(dtype), direction="fwd+bwd" if backward else "fwd",
-             norm_pix_loss=norm_pix_loss)
+    masked = ratio * shape[0] * L * E * es  # the removed patches of the input and of pred
+    moved = int(2 * masked + shape[0] * L * 4 + (2 * masked + shape[0] * L * E * es) * backward)
+    run_case(benchmark, run, make, moved, op="mae_loss_video" if video else "mae_loss",
+             impl=impl, shape=list(shape), dtype=str(dtype),
+             direction="fwd+bwd" if backward else "fwd", norm_pix_loss=norm_pix_loss)
+
+
+# name -> (input shape for a batch B, the call): ViT-B/16 images, VideoMAE-B videos (16 frames
+# of 224x224 in 2x16x16 tubelets)
+PATCHIFIES = {
+    "patchify": (lambda B: (B, 3, 224, 224), lambda op, x: op(x, PATCH)),
+    "patchify3d": (lambda B: (max(1, B // 8), 3, 16, 224, 224),
+                   lambda op, x: op(x, (2, PATCH, PATCH))),
+}
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", IMAGES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_patchify(benchmark, impl, B, dtype, backward):
-    op = _select(benchmark, impl, "patchify")
-    L, E = (224 // PATCH) ** 2, PATCH * PATCH * 3
+@pytest.mark.parametrize("name", list(PATCHIFIES))
+def test_patchify(benchmark, name, impl, B, dtype, backward):
+    op = _select(benchmark, impl, name)
+    shape, call = PATCHIFIES[name]
 
     def make():
-        return (_randn(B, 3, 224, 224, dtype=dtype, grad=backward),
-                _randn(B, L, E, dtype=dtype) if backward else None)
+        x = _randn(*shape(B), dtype=dtype, grad=backward)
+        return x, (torch.randn_like(call(getattr(reference, name), x.detach()))
+                   if backward else None)
 
-    def run(imgs, grad):
-        out = op(imgs, PATCH)
-        return _grad_of(out, imgs, grad) if backward else out
+    def run(x, grad):
+        out = call(op, x)
+        return _grad_of(out, x, grad) if backward else out
 
     moved = 2 * tensor_bytes(make()[0]) * (1 + backward)
-    run_case(benchmark, run, make, moved, op="patchify", impl=impl, shape=[B, 3, 224, 224],
+    run_case(benchmark, run, make, moved, op=name, impl=impl, shape=list(shape(B)),
              dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")
 
 
@@ -195,3 +252,27 @@ def test_gather_scatter(benchmark, name, impl, shape, dtype, backward):
     other_way = B * K * 8 + B * K * D * es + B * (L if gather else K) * D * es
     run_case(benchmark, run, make, one_way + other_way * backward, op=name, impl=impl,
              shape=list(shape), dtype=str(dtype), direction="fwd+bwd" if backward else "fwd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", IMAGES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hog_targets(benchmark, impl, B, dtype):
+    """MaskFeat's HOG targets at ViT-B/16 sizes (9 bins, 8x8 cells): ours computes only the 75%
+    masked patches, as the loss asks; the reference computes every patch, as one would
+    without the kernel."""
+    op = _select(benchmark, impl, "hog_targets")
+    L = (224 // PATCH) ** 2
+    F = 3 * (PATCH // 8) ** 2 * 9
+
+    def make():
+        mask = (torch.rand(B, L, device=DEVICE).argsort(1) >= int(L * (1 - RATIO))).float()
+        return _randn(B, 3, 224, 224, dtype=dtype), mask
+
+    def run(imgs, mask):
+        return op(imgs, PATCH, mask=mask) if impl == "ours" else op(imgs, PATCH)
+
+    es = torch.tensor([], dtype=dtype).element_size()
+    moved = int(RATIO * B * 3 * 224 * 224 * es + B * L * 4 + B * L * F * 4)
+    run_case(benchmark, run, make, moved, op="hog_targets", impl=impl, shape=[B, 3, 224, 224],
+             dtype=str(dtype), direction="fwd")

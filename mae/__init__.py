@@ -12,6 +12,7 @@ from .models import (
     mae_vit_tiny_patch16,
 )
 from .pos_embed import interpolate_pos_embed
+from .video import VIDEO_MODEL_CONFIGS, VideoMAE
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -19,6 +20,8 @@ __all__ = [
     "MODELS",
     "MODEL_CONFIGS",
     "MaskedAutoencoderViT",
+    "VIDEO_MODEL_CONFIGS",
+    "VideoMAE",
     "interpolate_pos_embed",
     "mae_vit_base_patch16",
     "mae_vit_huge_patch14",

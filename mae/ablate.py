@@ -1,8 +1,9 @@
-"""`mae ablate`: the MAE paper's ablations (mask ratio, Figure 5; decoder depth, Table 1a) in
-miniature on the built-in data: one short pre-training per setting, each probed linearly on the
-held-out split. Writes `ablation.md` (tables shaped like the paper's), `ablation.json` and
-`ablation.png` (linear-probe top-1 and wall time per setting). One axis varies at a time around
-the demo's default (mask ratio 0.75, the demo model's decoder depth), as in the paper."""
+"""`mae ablate`: the MAE paper's ablations (mask ratio, Figure 5; decoder depth, Table 1a; mask
+sampling, Table 1f) in miniature on the built-in data: one short pre-training per setting, each
+probed linearly on the held-out split. Writes `ablation.md` (tables shaped like the paper's),
+`ablation.json` and `ablation.png` (linear-probe top-1 and wall time per setting). One axis
+varies at a time around the demo's default (mask ratio 0.75, the demo model's decoder depth,
+random sampling), as in the paper."""
 from __future__ import annotations
 
 import json
@@ -14,13 +15,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .models import MODEL_CONFIGS  # noqa: E402
+from .models import MASK_TYPES, MODEL_CONFIGS  # noqa: E402
 from .pretrain import DEMO_DEFAULTS  # noqa: E402
 
-BASE_RATIO = 0.75
-BASE_DEPTH = MODEL_CONFIGS[DEMO_DEFAULTS["model"]]["decoder_layers"]
-AXES = (("mask ratio", "mask_ratio", "decoder_depth", BASE_DEPTH),
-        ("decoder depth", "decoder_depth", "mask_ratio", BASE_RATIO))
+BASE = {"mask_ratio": 0.75, "mask_type": "random",
+        "decoder_depth": MODEL_CONFIGS[DEMO_DEFAULTS["model"]]["decoder_layers"]}
+AXES = (("mask ratio", "mask_ratio"), ("decoder depth", "decoder_depth"),
+        ("mask sampling", "mask_type"))
 
 
 def parse_list(text: str, kind, flag: str) -> list:
@@ -30,14 +31,14 @@ def parse_list(text: str, kind, flag: str) -> list:
         raise ValueError(f"--{flag} must be a comma-separated list, got {text!r}") from None
 
 
-def settings(mask_ratios: list[float], depths: list[int]) -> list[dict]:
-    """Each run's mask ratio and decoder depth; the default setting runs once for both axes."""
-    runs = [{"mask_ratio": r, "decoder_depth": BASE_DEPTH} for r in mask_ratios]
-    runs += [{"mask_ratio": BASE_RATIO, "decoder_depth": d} for d in depths]
+def settings(values: dict[str, list]) -> list[dict]:
+    """Each run's setting: BASE with one key changed; the base setting runs once for all axes."""
     unique = []
-    for run in runs:
-        if run not in unique:
-            unique.append(run)
+    for key, options in values.items():
+        for value in options:
+            run = {**BASE, key: value}
+            if run not in unique:
+                unique.append(run)
     return unique
 
 
@@ -53,7 +54,8 @@ def run_setting(setting: dict, args, out: Path, parse_args) -> dict:
         "pretrain", *common, "--num-workers", str(args.num_workers), "--norm-pix-loss",
         "--epochs", str(args.epochs),
         "--dataset-size", str(args.dataset_size), "--mask-ratio", str(setting["mask_ratio"]),
-        "--decoder-depth", str(setting["decoder_depth"]), "--output-dir", str(out)]))
+        "--decoder-depth", str(setting["decoder_depth"]), "--mask-type", setting["mask_type"],
+        "--output-dir", str(out)]))
     pretrain_seconds = time.perf_counter() - start
     probe = linprobe(parse_args([
         "linprobe", *common, "--checkpoint", str(out / "checkpoint-last.pth"),
@@ -65,9 +67,11 @@ def run_setting(setting: dict, args, out: Path, parse_args) -> dict:
 
 
 def tables(results: list[dict]):
-    """(axis name, key, rows sorted by key) for each axis that varies."""
-    for name, key, other, base in AXES:
-        rows = sorted((r for r in results if r[other] == base), key=lambda r: r[key])
+    """(axis name, key, rows) for each axis that varies: numbers sorted, names in run order."""
+    for name, key in AXES:
+        rows = [r for r in results if all(r[k] == v for k, v in BASE.items() if k != key)]
+        if not isinstance(BASE[key], str):
+            rows.sort(key=lambda r: r[key])
         if len(rows) > 1:
             yield name, key, rows
 
@@ -77,7 +81,7 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
     for name, key, rows in tables(results):
         lines += [f"| {name} | linear probe top-1 (%) | final loss | pre-train + probe (s) |",
                   "|---|---|---|---|"]
-        lines += [f"| {r[key]:g} | {r['linprobe_top1']:.1f} | {r['final_loss']:.3f} | "
+        lines += [f"| {r[key]} | {r['linprobe_top1']:.1f} | {r['final_loss']:.3f} | "
                   f"{r['total_seconds']:.0f} |" for r in rows]
         lines.append("")
     path.write_text("\n".join(lines))
@@ -103,14 +107,19 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def ablate(args, parse_args) -> list[dict]:
-    ratios = parse_list(args.mask_ratios, float, "mask-ratios")
-    depths = parse_list(args.decoder_depths, int, "decoder-depths")
+    values = {"mask_ratio": parse_list(args.mask_ratios, float, "mask-ratios"),
+              "decoder_depth": parse_list(args.decoder_depths, int, "decoder-depths"),
+              "mask_type": parse_list(args.mask_types, str, "mask-types")}
+    unknown = set(values["mask_type"]) - set(MASK_TYPES)
+    if unknown:
+        raise ValueError(f"--mask-types must be among {MASK_TYPES}, got {sorted(unknown)}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = []
-    for setting in settings(ratios, depths):
-        name = f"ratio{setting['mask_ratio']:g}-depth{setting['decoder_depth']}"
+    for setting in settings(values):
+        name = (f"ratio{setting['mask_ratio']:g}-depth{setting['decoder_depth']}-"
+                f"{setting['mask_type']}")
         results.append(run_setting(setting, args, out / name, parse_args))
         print(json.dumps(results[-1]))
         (out / "ablation.json").write_text(json.dumps(results, indent=1))

@@ -1,4 +1,4 @@
-"""The `mae` command: pretrain, finetune, linprobe, visualize, export, ablate. Flags follow
+"""The `mae` command: pretrain, finetune, linprobe, visualize, export, ablate, anomaly. Flags follow
 facebookresearch/mae's main_pretrain.py / main_finetune.py / main_linprobe.py (both --data-path
 and --data_path spellings work). Flags left unset get the built-in demo's settings when the run
 is the demo (no --data-path, no --model), else the official recipe's."""
@@ -73,11 +73,27 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
                "the command line override it")
     _flag(pre, "model", default=None,
           help="demo: mae_vit_tiny_patch16 at 32px, patch 8; otherwise the official default "
-               "mae_vit_large_patch16 at 224px")
+               "mae_vit_large_patch16 at 224px (video: mae_videomae_{tiny,small,base}_patch16)")
     _flag(pre, "decoder-depth", type=int, default=None, help="a decoder depth other than the "
                                                              "model's")
-    _flag(pre, "mask-ratio", type=float, default=0.75)
+    _flag(pre, "mask-ratio", type=float, default=None,
+          help="default 0.75 (video: 0.9, VideoMAE's)")
+    _flag(pre, "video", action="store_true",
+          help="pre-train VideoMAE on clips (built-in: moving shapes; --data-path: folders "
+               "of frames or video files) with tube masking")
+    _flag(pre, "num-frames", type=int, default=None, help="video: frames per clip (default 16; "
+                                                          "demo 8)")
+    _flag(pre, "tubelet-size", type=int, default=None, help="video: frames per tubelet "
+                                                            "(default 2)")
+    _flag(pre, "sampling-rate", type=int, default=4, help="video: frames between sampled "
+                                                          "frames")
+    _flag(pre, "mask-type", choices=["random", "block", "grid"], default=None,
+          help="mask sampling: random (official), block (BEiT-style rectangles) or grid (one "
+               "patch of every 2x2 kept; needs --mask-ratio 0.75)")
     _flag(pre, "norm-pix-loss", action=argparse.BooleanOptionalAction, default=False)
+    _flag(pre, "target", choices=["pixel", "norm_pix", "hog"], default=None,
+          help="what the decoder predicts: pixels (norm_pix: --norm-pix-loss) or MaskFeat's "
+               "HOG features (images; patch size a multiple of 8)")
     _flag(pre, "no-kernels", action="store_true", help="run the reference ops instead")
     pre.set_defaults(model_config=None, clip_grad=None)
 
@@ -90,6 +106,9 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
                "architecture saved in --finetune, else vit_large_patch16 (demo: vit_tiny)")
     _flag(fine, "finetune", default="", help="pre-trained checkpoint to start from "
                                             "(ours, official MAE, or .safetensors)")
+    _flag(fine, "random-init", action="store_true",
+          help="train the ViT of --finetune from random weights: the from-scratch baseline "
+               "with the same architecture, recipe and budget")
     _flag(fine, "drop-path", type=float, default=0.1)
     _flag(fine, "clip-grad", type=float, default=None)
     _flag(fine, "layer-decay", type=float, default=None,
@@ -147,6 +166,7 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _flag(ablate, "output-dir", default="runs/ablate")
     _flag(ablate, "mask-ratios", default="0.15,0.5,0.75,0.9")
     _flag(ablate, "decoder-depths", default="1,2,4")
+    _flag(ablate, "mask-types", default="random,block,grid")
     _flag(ablate, "epochs", type=int, default=20)
     _flag(ablate, "dataset-size", type=int, default=2048)
     _flag(ablate, "probe-epochs", type=int, default=60)
@@ -154,6 +174,22 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _flag(ablate, "num-workers", type=int, default=1)
     _flag(ablate, "device", default="cuda" if torch.cuda.is_available() else "cpu")
     _flag(ablate, "quiet", action="store_true")
+
+    anomaly = sub.add_parser("anomaly", help="anomaly maps from reconstruction error")
+    _flag(anomaly, "checkpoint", required=True)
+    _flag(anomaly, "image", default=None, help="one image: writes image / heat map / overlay")
+    anomaly.add_argument("-o", "--output", default="anomaly.png")
+    _flag(anomaly, "data-path", default=None, help="a folder of images: writes --csv")
+    _flag(anomaly, "csv", default="anomaly.csv")
+    _flag(anomaly, "synthetic", type=int, default=None,
+          help="evaluate on N held-out built-in images, half with synthetic defects: image and "
+               "pixel AUROC (needs scikit-learn)")
+    _flag(anomaly, "coverage", type=int, default=4, help="times every patch is masked")
+    _flag(anomaly, "mask-ratio", type=float, default=0.75)
+    _flag(anomaly, "batch-size", type=int, default=50)
+    _flag(anomaly, "seed", type=int, default=0)
+    _flag(anomaly, "device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _trust(anomaly)
 
     for command, values in (config_defaults or {}).items():
         sub.choices[command].set_defaults(**values)
@@ -242,6 +278,10 @@ def main(argv=None) -> int:
 
             state = load_checkpoint(args.checkpoint, trust=args.unsafe_trust_checkpoint)
             print(f"wrote {export_safetensors(state, args.output)}")
+        elif args.command == "anomaly":
+            from .anomaly import anomaly
+
+            anomaly(args)
         else:
             from .ablate import ablate
 

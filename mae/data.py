@@ -190,29 +190,38 @@ def draw_shape(label: int, rng: random.Random, size: int = 64) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.8)))
 
 
-class ShapesDataset(Augmented):
-    """The built-in data set: `length` images, class = index % 10, drawn at 64x64."""
+class BuiltIn:
+    """The built-in data sets' splits: `length` items, class = index % 10; each split draws from
+    its own stream of the generator, one seeded stream per item."""
 
     classes = list(SHAPE_CLASSES)
-
     SPLITS = ("train", "val")
 
-    def __init__(self, size=32, train: bool = True, length: int = 4096, seed: int = 0,
-                 split: str | None = None):
-        super().__init__(size, train, seed)
+    def _set_split(self, length: int, split: str | None, train: bool) -> None:
         self.length = length
         split = split or ("train" if train else "val")
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
-        # each split draws from its own stream of the generator
         self.split_seed = self.SPLITS.index(split)
 
     def __len__(self):
         return self.length
 
+    def drawing(self, index: int) -> tuple[int, random.Random]:
+        """(label, the generator that draws item `index`)."""
+        return index % len(SHAPE_CLASSES), random.Random(self.split_seed * 10_000_019 + index)
+
+
+class ShapesDataset(BuiltIn, Augmented):
+    """The built-in data set: `length` images of the ten classes, drawn at 64x64."""
+
+    def __init__(self, size=32, train: bool = True, length: int = 4096, seed: int = 0,
+                 split: str | None = None):
+        super().__init__(size, train, seed)
+        self._set_split(length, split, train)
+
     def load(self, index):
-        label = index % len(SHAPE_CLASSES)
-        rng = random.Random(self.split_seed * 10_000_019 + index)
+        label, rng = self.drawing(index)
         return draw_shape(label, rng), label
 
 

@@ -219,7 +219,7 @@ def finetune(args) -> dict:
     _, val_loader = make_loader(val_set, args, rank, world_size, device, train=False)
 
     model = build_vit(args.vit_config, num_classes, args.drop_path, args.global_pool)
-    if args.finetune and not args.resume:
+    if args.finetune and not args.resume and not args.random_init:
         loaded = load_pretrained(model, pretrained, args.finetune)
         if main:
             print(f"loaded the encoder of {args.finetune}; not in it: {loaded['missing']}")

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .data import build_dataset, collate_skipping
 from .optim import lr_at, set_lr
 from .pretrain import model_from_checkpoint
+from .video import VideoMAE
 
 
 @torch.no_grad()
@@ -33,6 +34,9 @@ def linprobe(args) -> dict:
     device = torch.device(args.device)
     model, config = model_from_checkpoint(args.checkpoint, load_weights=not args.random_init,
                                           trust=args.unsafe_trust_checkpoint)
+    if isinstance(model, VideoMAE):
+        raise ValueError(f"--checkpoint {args.checkpoint} holds a VideoMAE; linprobe probes "
+                         "image encoders")
     model = model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -89,6 +89,25 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def run_decoder(model, x: torch.Tensor, ids_restore: torch.Tensor,
+                num_prefix_tokens: int) -> torch.Tensor:
+    """The MAE decoder of `model` (image or video): embed, unshuffle with the mask token and the
+    decoder positional embedding, the blocks, the norm, and the head over the patch tokens only
+    (not the prefix/cls tokens)."""
+    x = model.decoder_embed(x)
+    if model.use_kernels:
+        with mae_kernels.skip_index_checks():  # ids_restore comes from the model's masking
+            x = mae_kernels.unshuffle(x, model.mask_token, ids_restore, num_prefix_tokens,
+                                      model.decoder_pos_embed)
+    else:
+        x = reference.unshuffle(x, model.mask_token, ids_restore, num_prefix_tokens,
+                                model.decoder_pos_embed)
+    for blk in model.decoder_blocks:
+        x = blk(x)
+    x = model.decoder_norm(x)
+    return model.decoder_pred(x[:, num_prefix_tokens:, :])
+
+
 class Features(NamedTuple):
     """What `encode` returns: the cls token and the mean of the patch tokens, after the norm."""
 
@@ -104,8 +123,15 @@ class MaskedAutoencoderViT(nn.Module):
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),  # noqa: B008 (official)
                  norm_pix_loss=False,
-                 use_kernels=True):
+                 use_kernels=True, mask_type="random", target="pixel"):
         super().__init__()
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if target not in TARGETS or (target == "hog" and patch_size % HOG_CELL):
+            raise ValueError(f"target must be one of {TARGETS} (hog: with a patch_size divisible "
+                             f"by {HOG_CELL}), got {target!r} with patch_size {patch_size}")
+        self.mask_type = mask_type
+        self.target = target
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -129,7 +155,10 @@ class MaskedAutoencoderViT(nn.Module):
              for _ in range(decoder_depth)]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        # pixels, or HOG features: in_chans * cells * bins per patch
+        out = (in_chans * (patch_size // HOG_CELL) ** 2 * HOG_BINS if target == "hog"
+               else patch_size**2 * in_chans)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, out, bias=True)
 
         self.norm_pix_loss = norm_pix_loss
         self.use_kernels = use_kernels
@@ -167,8 +196,29 @@ class MaskedAutoencoderViT(nn.Module):
         return ops.unpatchify(x, self.patch_size, self.grid_size, self.in_chans)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise=None):
-        ops = mae_kernels if self.use_kernels else reference
-        return ops.random_masking(x, mask_ratio, noise)
+        """(x_masked, mask, ids_restore) by the model's mask_type: the official random masking,
+        BEiT's blocks or the paper's grid (noise as each op takes it; grid uses none)."""
+        if self.use_kernels:
+            return self.masking_with_ids(x, mask_ratio, noise)[:3]
+        if self.mask_type == "block":
+            return reference.block_masking(x, mask_ratio, self.grid_size, noise)
+        if self.mask_type == "grid":
+            return reference.grid_masking(x, self.grid_size, grid_keep_every(mask_ratio))
+        return reference.random_masking(x, mask_ratio, noise)
+
+    def masking_with_ids(self, x: torch.Tensor, mask_ratio: float, noise=None):
+        """The fused ops of `random_masking`, plus ids_keep (the kept positions)."""
+        ops = mae_kernels.masking
+        if self.mask_type == "block":
+            return ops.block_masking_with_ids(x, mask_ratio, self.grid_size, noise)
+        if self.mask_type == "grid":
+            return ops.grid_masking_with_ids(x, self.grid_size, grid_keep_every(mask_ratio))
+        return ops.random_masking_with_ids(x, mask_ratio, noise)
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise of the shape `forward(..., noise=)` takes for this mask_type (on the CPU)."""
+        shape = (batch, self.patch_embed.num_patches) + ((5,) if self.mask_type == "block" else ())
+        return torch.rand(shape, generator=generator)
 
     def _check_imgs(self, imgs: torch.Tensor) -> None:
         expected = (self.in_chans, *self.patch_embed.img_size)
@@ -182,7 +232,7 @@ class MaskedAutoencoderViT(nn.Module):
         self._check_imgs(imgs)
         if self.use_kernels:
             # Mask the pixels, then embed only the kept patches.
-            patches, mask, ids_restore, ids_keep = mae_kernels.masking.random_masking_with_ids(
+            patches, mask, ids_restore, ids_keep = self.masking_with_ids(
                 self.patchify(imgs), mask_ratio, noise
             )
             x = self.patch_embed.embed_patches(patches) + self.pos_embed[0, 1:][ids_keep]
@@ -196,20 +246,14 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        x = self.decoder_embed(x)
-        if self.use_kernels:
-            with mae_kernels.skip_index_checks():  # ids_restore comes from random_masking
-                x = mae_kernels.unshuffle(x, self.mask_token, ids_restore, 1,
-                                          self.decoder_pos_embed)
-        else:
-            x = reference.unshuffle(x, self.mask_token, ids_restore, 1, self.decoder_pos_embed)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
-        return self.decoder_pred(x[:, 1:, :])  # the head skips the cls token
+        return run_decoder(self, x, ids_restore, num_prefix_tokens=1)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
+        if self.target == "hog":
+            if self.use_kernels:
+                return mae_kernels.mae_loss(imgs, pred, mask, self.patch_size, target="hog")
+            return reference.hog_loss(imgs, pred, mask, self.patch_size)
         ops = mae_kernels if self.use_kernels else reference
         return ops.mae_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
 
@@ -254,18 +298,41 @@ DEFAULT_CONFIG = {
     "encoder_dim": 768, "encoder_layers": 12, "encoder_heads": None,  # None: encoder_dim // 64
     "decoder_dim": 512, "decoder_layers": 8, "decoder_heads": None,  # None: decoder_dim // 32
     "mlp_ratio": 4.0, "mask_ratio": 0.75, "norm_pix_loss": False, "use_kernels": True,
+    "mask_type": "random",  # or "block" (BEiT's rectangles), "grid" (the paper's regular grid)
+    "target": "pixel",  # or "hog": MaskFeat's HOG features of the masked patches
 }
+TARGETS = ("pixel", "hog")
+HOG_CELL, HOG_BINS = 8, 9  # mae_kernels.hog_targets' defaults: 8x8 cells, 9 orientations
+MASK_TYPES = ("random", "block", "grid")
+# A config with either key is a video model (mae.video.VideoMAE): VideoMAE's defaults, 16 frames
+# in tubelets of 2, tube masking at 90%.
+VIDEO_CONFIG = {"num_frames": 16, "tubelet_size": 2, "mask_ratio": 0.9, "mask_type": "tube"}
+
+
+def is_video(config: dict) -> bool:
+    return "num_frames" in config or "tubelet_size" in config
+
+
+def grid_keep_every(mask_ratio: float) -> int:
+    """Grid masking keeps one token of every k x k square: mask_ratio = 1 - 1/k^2 (0.75: k=2)."""
+    keep_every = max(1, round((1 - mask_ratio) ** -0.5))
+    if abs(1 - keep_every**-2 - mask_ratio) > 1e-6:
+        raise ValueError(f"grid masking keeps one token in k*k, so mask_ratio must be 1 - 1/k^2 "
+                         f"(0.75, 0.889, ...), got {mask_ratio}")
+    return keep_every
 
 
 def resolve_config(config: dict) -> dict:
     """`config` over the defaults, checked: unknown keys and bad values name the key."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    video = is_video(config)
+    defaults = {**DEFAULT_CONFIG, **VIDEO_CONFIG} if video else DEFAULT_CONFIG
+    unknown = sorted(set(config) - set(defaults))
     if unknown:
         raise ValueError(f"unknown MAE config key(s) {unknown}; valid keys: "
-                         f"{sorted(DEFAULT_CONFIG)}")
-    config = {**DEFAULT_CONFIG, **config}
+                         f"{sorted(set(DEFAULT_CONFIG) | set(VIDEO_CONFIG))}")
+    config = {**defaults, **config}
     for heads, dim, width in (("encoder_heads", "encoder_dim", 64),
                               ("decoder_heads", "decoder_dim", 32)):
         if config[heads] is None and isinstance(config[dim], int):
@@ -290,6 +357,27 @@ def resolve_config(config: dict) -> dict:
     for key in ("norm_pix_loss", "use_kernels"):
         if not isinstance(config[key], bool):
             raise ValueError(f"config[{key!r}] must be True or False, got {config[key]!r}")
+    if video:
+        for key in ("num_frames", "tubelet_size"):
+            if isinstance(config[key], bool) or not isinstance(config[key], int) \
+                    or config[key] < 1:
+                raise ValueError(f"config[{key!r}] must be a positive integer, got "
+                                 f"{config[key]!r}")
+        if config["num_frames"] % config["tubelet_size"]:
+            raise ValueError(f"config['tubelet_size'] {config['tubelet_size']} must divide "
+                             f"config['num_frames'] {config['num_frames']}")
+    targets = ("pixel",) if video else TARGETS
+    if config["target"] not in targets:
+        raise ValueError(f"config['target'] must be one of {targets}, got {config['target']!r}")
+    if config["target"] == "hog" and config["patch_size"] % HOG_CELL:
+        raise ValueError(f"config['target'] 'hog' needs a patch_size divisible by {HOG_CELL} "
+                         f"(its cells), got {config['patch_size']}")
+    mask_types = ("tube",) if video else MASK_TYPES
+    if config["mask_type"] not in mask_types:
+        raise ValueError(f"config['mask_type'] must be one of {mask_types}, got "
+                         f"{config['mask_type']!r}")
+    if config["mask_type"] == "grid":
+        grid_keep_every(ratio)
     return config
 
 
@@ -307,7 +395,8 @@ def _official_kwargs(config: dict) -> dict:
                 depth=config["encoder_layers"], num_heads=config["encoder_heads"],
                 decoder_embed_dim=config["decoder_dim"], decoder_depth=config["decoder_layers"],
                 decoder_num_heads=config["decoder_heads"], mlp_ratio=config["mlp_ratio"],
-                norm_pix_loss=config["norm_pix_loss"], use_kernels=config["use_kernels"])
+                norm_pix_loss=config["norm_pix_loss"], use_kernels=config["use_kernels"],
+                mask_type=config["mask_type"], target=config["target"])
 
 
 class Output(NamedTuple):
@@ -321,13 +410,50 @@ class MAE(MaskedAutoencoderViT):
     DEFAULT_CONFIG. `model(images)` returns `(loss, reconstructed, mask)` with `reconstructed`
     an image (B, C, H, W); with norm_pix_loss it is in per-patch normalised units, as the loss
     sees it (mae.figures.reconstruct maps it back to pixels). Same parameters as the official
-    model: the `mae` CLI trains this class, and either's checkpoints load into the other."""
+    model: the `mae` CLI trains this class, and either's checkpoints load into the other.
 
-    def __init__(self, config: dict | None = None, **overrides):
+    `feature_target`: predict features instead of pixels (e.g. a frozen pre-trained network's,
+    for a perceptual target). A callable mapping the (normalised) images (B, C, H, W) to one
+    feature vector per patch, (B, L, F) in patch order; it runs under no_grad, is not part of
+    the model (not trained, saved or moved), and the decoder head is sized to F (`feature_dim`,
+    or found by one call on a blank image). The loss is then the mean squared error to those
+    features on the masked patches, and `reconstructed` the predicted features (B, L, F), as
+    it is for config["target"] "hog"."""
+
+    def __init__(self, config: dict | None = None, feature_target=None,
+                 feature_dim: int | None = None, **overrides):
         config = resolve_config({**(config or {}), **overrides})
         super().__init__(**_official_kwargs(config))
         self.config = config
         self.mask_ratio = config["mask_ratio"]
+        # Not a submodule: a frozen feature network is neither trained, saved nor moved with
+        # the model (put it on the model's device yourself).
+        object.__setattr__(self, "feature_target", feature_target)
+        if feature_target is not None:
+            if feature_dim is None:  # one call on a blank image tells the width
+                C, (H, W) = self.in_chans, self.patch_embed.img_size
+                with torch.no_grad():
+                    feature_dim = self._features(torch.zeros(1, C, H, W)).shape[-1]
+            self.decoder_pred = nn.Linear(self.decoder_pred.in_features, feature_dim)
+            self._init_weights(self.decoder_pred)
+
+    def _features(self, imgs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.feature_target(imgs)
+        expected = (imgs.shape[0], self.patch_embed.num_patches)
+        if not isinstance(target, torch.Tensor) or target.dim() != 3 \
+                or tuple(target.shape[:2]) != expected:
+            got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
+            raise ValueError(f"feature_target must map images (B, C, H, W) to per-patch "
+                             f"features {expected + ('F',)}, got {got}")
+        return target
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+        if self.feature_target is None:
+            return super().forward_loss(imgs, pred, mask)
+        error = ((pred.float() - self._features(imgs).float()) ** 2).mean(dim=-1)
+        return (error * mask).sum() / mask.sum()
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> MAE:
@@ -336,6 +462,8 @@ class MAE(MaskedAutoencoderViT):
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise=None) -> Output:
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         loss, pred, mask = self.predict(imgs, ratio, noise)
+        if self.feature_target is not None or self.target != "pixel":
+            return Output(loss, pred, mask)  # predicted features (B, L, F), not pixels
         return Output(loss, self.unpatchify(pred), mask)
 
 

@@ -1,5 +1,5 @@
-"""Fixed 2D sine-cosine positional embeddings (the MAE paper's) and their interpolation when a
-checkpoint is loaded at another resolution."""
+"""Fixed sine-cosine positional embeddings: 2D (the MAE paper's), 3D for video, and their
+interpolation when a checkpoint is loaded at another resolution."""
 from __future__ import annotations
 
 import torch
@@ -27,6 +27,19 @@ def sincos_2d(dim: int, grid: tuple[int, int], cls_token: bool = False) -> torch
     if cls_token:
         table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
     return table.float()
+
+
+def sincos_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """(T*h*w, dim) float32 table for a (frames, rows, columns) grid of tubelets, frame-major: a
+    quarter of the channels encodes the frame (1D sin-cos), the rest the position in the frame
+    (sincos_2d), so every frame shares the image model's spatial code."""
+    if dim % 16:
+        raise ValueError(f"embedding dim must be a multiple of 16 for 3D sin-cos, got {dim}")
+    frames, h, w = grid
+    time = sincos_1d(dim // 4, torch.arange(frames)).float()
+    space = sincos_2d(dim - dim // 4, (h, w))
+    return torch.cat([time[:, None].expand(-1, h * w, -1),
+                      space[None].expand(frames, -1, -1)], dim=2).reshape(frames * h * w, dim)
 
 
 def interpolate_pos_embed(model, state_dict: dict, keys=("pos_embed", "decoder_pos_embed")):

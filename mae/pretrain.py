@@ -19,18 +19,26 @@ from .engine import (
     wrap_for_training,
 )
 from .figures import save_reconstruction_figure
-from .models import MAE, MODEL_CONFIGS, resolve_config
+from .models import MAE, MODEL_CONFIGS, is_video, resolve_config
 from .optim import build_optimizer
+from .video import VIDEO_MODEL_CONFIGS, VideoMAE
+from .video_data import build_video_dataset
 
 __all__ = ["NonFiniteLossError", "model_config_of", "model_from_checkpoint", "pretrain"]
 
 # Without --model, --data-path or model keys in --config, `mae pretrain` is the built-in demo
 # (minutes on a CPU); anything else gets the official model and recipe defaults
-# (facebookresearch/mae main_pretrain.py, with PRETRAIN.md's base lr).
+# (facebookresearch/mae main_pretrain.py, with PRETRAIN.md's base lr; VideoMAE's for --video).
 DEMO_DEFAULTS = dict(model="mae_vit_tiny_patch16", input_size=32, patch_size=8, blr=5e-3,
-                     epochs=40, warmup_epochs=1)
+                     epochs=40, warmup_epochs=1, mask_ratio=0.75)
 OFFICIAL_DEFAULTS = dict(model="mae_vit_large_patch16", input_size=224, blr=1.5e-4, epochs=400,
-                         warmup_epochs=40)
+                         warmup_epochs=40, mask_ratio=0.75)
+VIDEO_DEMO_DEFAULTS = dict(model="mae_videomae_tiny_patch16", input_size=32, patch_size=8,
+                           num_frames=8, tubelet_size=2, blr=5e-3, epochs=10, warmup_epochs=1,
+                           mask_ratio=0.9)
+VIDEO_OFFICIAL_DEFAULTS = dict(model="mae_videomae_base_patch16", input_size=224, num_frames=16,
+                               tubelet_size=2, blr=1.5e-4, epochs=800, warmup_epochs=40,
+                               mask_ratio=0.9)
 
 
 def apply_defaults(args) -> None:
@@ -38,19 +46,40 @@ def apply_defaults(args) -> None:
     model config (named model, --config keys, then flags) into `args.model_config`."""
     file_config = dict(args.model_config or {})
     args.demo = args.model is None and args.data_path is None and not file_config
-    for key, value in (DEMO_DEFAULTS if args.demo else OFFICIAL_DEFAULTS).items():
+    if args.video:
+        defaults = VIDEO_DEMO_DEFAULTS if args.demo else VIDEO_OFFICIAL_DEFAULTS
+    else:
+        defaults = DEMO_DEFAULTS if args.demo else OFFICIAL_DEFAULTS
+    for key, value in defaults.items():
         if getattr(args, key) is None and not (key == "model" and file_config):
             setattr(args, key, value)
-    if args.model is not None and args.model not in MODEL_CONFIGS:
-        raise ValueError(f"--model must be one of {sorted(MODEL_CONFIGS)}, got {args.model!r}")
-    config = {**MODEL_CONFIGS.get(args.model, {}), **file_config,
+    names = VIDEO_MODEL_CONFIGS if args.video else MODEL_CONFIGS
+    if args.model is not None and args.model not in names:
+        raise ValueError(f"--model must be one of {sorted(names)}"
+                         f"{' with --video' if args.video else ''}, got {args.model!r}")
+    config = {**names.get(args.model, {}), **file_config,
               "img_size": args.input_size, "mask_ratio": args.mask_ratio,
               "norm_pix_loss": args.norm_pix_loss, "use_kernels": not args.no_kernels}
+    if args.video:
+        config.update(num_frames=args.num_frames, tubelet_size=args.tubelet_size)
+    elif args.num_frames or args.tubelet_size:
+        raise ValueError("--num-frames and --tubelet-size are for --video")
+    if args.mask_type:
+        config["mask_type"] = args.mask_type
+    if args.target == "norm_pix":
+        args.norm_pix_loss = config["norm_pix_loss"] = True
+    elif args.target:
+        config["target"] = args.target
     if args.patch_size:
         config["patch_size"] = args.patch_size
     if args.decoder_depth:
         config["decoder_layers"] = args.decoder_depth
     args.model_config = resolve_config(config)
+
+
+def build_model(config: dict):
+    """The model a resolved config describes: VideoMAE for video configs, else MAE."""
+    return VideoMAE(config) if is_video(config) else MAE(config)
 
 
 def model_config_of(saved_args: dict) -> dict:
@@ -74,7 +103,7 @@ def model_from_checkpoint(path, load_weights: bool = True, trust: bool = False):
         raise CheckpointError(f"checkpoint {path} does not say which model it holds (no saved "
                               f"`mae pretrain` arguments); official MAE checkpoints are for "
                               f"`mae finetune --finetune`")
-    model = MAE(model_config_of(saved))
+    model = build_model(model_config_of(saved))
     if load_weights:
         model.load_state_dict(model_weights(state))
     return model, saved
@@ -84,11 +113,18 @@ def pretrain(args) -> dict:
     apply_defaults(args)
     rank, world_size, device, log = start_run(args)
     main = rank == 0
-    dataset = build_dataset(args.data_path, args.input_size, "train", augment=True,
-                            seed=args.seed, length=args.dataset_size, required=False)
+    def data(split: str, augment: bool, length):
+        if args.video:
+            return build_video_dataset(args.data_path, args.input_size, args.num_frames, split,
+                                       augment, seed=args.seed, length=length,
+                                       sampling_rate=args.sampling_rate, required=False)
+        return build_dataset(args.data_path, args.input_size, split, augment, seed=args.seed,
+                             length=length, required=False)
+
+    dataset = data("train", True, args.dataset_size)
     sampler, loader = make_loader(dataset, args, rank, world_size, device)
 
-    model = MAE(args.model_config).to(device)
+    model = build_model(args.model_config).to(device)
     eff_batch = args.batch_size * args.accum_iter * world_size
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = build_optimizer(model, lr, args.weight_decay)
@@ -96,20 +132,21 @@ def pretrain(args) -> dict:
     start_epoch = resume_from(args, model, optimizer, scaler, main)
     train_model = wrap_for_training(model, args, world_size, device)
 
-    preview = build_dataset(args.data_path, args.input_size, "val", augment=False, length=4,
-                            required=False)
+    preview = data("val", False, 4)
     readable = [item[0] for item in map(preview.__getitem__, range(min(4, len(preview))))
                 if item is not None]
-    preview_imgs = torch.stack(readable).to(device) if readable else None
-    preview_noise = torch.rand(len(readable), model.patch_embed.num_patches,
-                               generator=torch.Generator().manual_seed(args.seed)).to(device)
+    # the epoch figures show pixels: none for a model that predicts HOG features
+    pixels = args.model_config.get("target", "pixel") == "pixel"
+    preview_imgs = torch.stack(readable).to(device) if readable and pixels else None
+    preview_noise = model.draw_noise(len(readable),
+                                     torch.Generator().manual_seed(args.seed)).to(device)
     if main:
         setting = "built-in demo settings" if args.demo else "official recipe defaults"
         print(f"{args.model or 'custom config'} ({setting}): {args.input_size}px, patch "
               f"{args.model_config['patch_size']}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-              f"{len(dataset)} images, effective batch {eff_batch}, lr {lr:.2e}, "
-              f"{world_size} process(es) on {device.type}")
+              f"{len(dataset)} {'clips' if args.video else 'images'}, effective batch "
+              f"{eff_batch}, lr {lr:.2e}, {world_size} process(es) on {device.type}")
 
     def loss_fn(m, imgs, _labels):
         return m(imgs, args.mask_ratio).loss

@@ -19,8 +19,7 @@ def visualize(args):
     except OSError as exc:
         raise SystemExit(f"--image {args.image}: cannot read it ({exc})") from exc
     x = to_tensor(center_resize(img, size))[None]
-    noise = torch.rand(1, model.patch_embed.num_patches,
-                       generator=torch.Generator().manual_seed(args.seed))
+    noise = model.draw_noise(1, torch.Generator().manual_seed(args.seed))
     path = save_reconstruction_figure(model, x, args.output, args.mask_ratio, noise)
     print(f"wrote {path}")
     return path

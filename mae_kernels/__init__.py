@@ -7,22 +7,29 @@ function); `reference` holds the plain-PyTorch semantics they are tested against
 """
 from . import reference
 from ._checks import skip_index_checks
+from .hog import hog_targets
 from .loss import mae_loss
-from .masking import random_masking
-from .patches import patchify, unpatchify
+from .masking import block_masking, grid_masking, random_masking, tube_masking
+from .patches import patchify, patchify3d, unpatchify, unpatchify3d
 from .tokens import gather_tokens, scatter_tokens
 from .unshuffling import unshuffle
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "block_masking",
     "gather_tokens",
+    "grid_masking",
+    "hog_targets",
     "mae_loss",
     "patchify",
+    "patchify3d",
     "random_masking",
     "reference",
     "scatter_tokens",
     "skip_index_checks",
+    "tube_masking",
     "unpatchify",
+    "unpatchify3d",
     "unshuffle",
 ]

@@ -81,6 +81,26 @@ def patch_grid(name: str, imgs: torch.Tensor, patch_size: int) -> tuple[int, int
     return H // patch_size, W // patch_size
 
 
+def tubelet_size(value) -> tuple[int, int]:
+    """(t, p) of a tubelet size given as (t, p, p): t frames by p x p pixels."""
+    if (not isinstance(value, (tuple, list)) or len(value) != 3 or value[1] != value[2]):
+        raise TypeError(f"tubelet_size must be (frames, p, p), a square patch over some frames, "
+                        f"got {value!r}")
+    integer("tubelet_size[0]", value[0], 1)
+    integer("tubelet_size[1]", value[1], 1)
+    return value[0], value[1]
+
+
+def tubelet(name: str, videos: torch.Tensor, value) -> tuple[int, int]:
+    """(t, p) of a tubelet size that divides the (T, H, W) of `videos`."""
+    t, p = tubelet_size(value)
+    T, H, W = videos.shape[-3:]
+    if T % t or H % p or W % p:
+        raise ValueError(f"tubelet_size {(t, p, p)} does not divide the size of {name} "
+                         f"({T}x{H}x{W})")
+    return t, p
+
+
 def distinct(name: str, index: torch.Tensor, upper: int) -> None:
     """No row of `index` (entries in [0, upper)) repeats a position."""
     if not _checking(index):

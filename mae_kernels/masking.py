@@ -1,9 +1,18 @@
-"""random_masking: per-sample random masking by a stable argsort of noise (the official method).
+"""The masking family: random_masking (the official method), tube_masking (VideoMAE: one spatial
+mask shared by every frame), block_masking (BEiT's block-wise rectangles) and grid_masking (the
+MAE paper's regular grid). Each returns what the official random_masking returns,
+`(x_masked, mask, ids_restore)`, with exactly `len_keep` tokens per sample (per frame for tube),
+so the model and `unshuffle` stay the same.
 
+All four are one op: a spatial order of the S tokens of a frame (kept first), then the same
+writes and gather for every one of `frames` frames. The strategies differ only in the sort key:
+- random / tube: the noise;
+- block: whether a rectangle covers the token, then the noise (see `reference.block_cover`);
+- grid: whether the token is off the grid, then its position.
 The op also returns `ids_keep` (the kept positions, in keep order); its backward scatters the
 gradient back through it with the extension's `scatter_tokens`, without a second sort.
 
-Triton (CUDA): one kernel sorts each noise row, writes ids_restore / mask / ids_keep and gathers
+Triton (CUDA): one kernel sorts each row's keys, writes ids_restore / mask / ids_keep and gathers
 the kept tokens straight from x. Each program sorts one row and gathers one slice of D (up to
 COLUMNS_PER_PROGRAM columns, in tiles of BLOCK_D), so the grid fills the GPU while each sort is
 amortised over a few hundred columns. Keys pack the order-preserving bits of the float32 noise
@@ -21,8 +30,9 @@ from ._library import USE_REFERENCE, device_op, tl, triton, wrap_triton
 from .tokens import gather_op, scatter_op
 
 MAX_FUSED_L = 4096
-TILE_ELEMENTS = 8192  # (padded L) x BLOCK_D values gathered per tile
+TILE_ELEMENTS = 8192  # (padded S) x BLOCK_D values gathered per tile
 COLUMNS_PER_PROGRAM = 256
+RANDOM, BLOCK, GRID = 0, 1, 2  # the strategies; tube is RANDOM over several frames
 
 
 @triton.jit
@@ -37,79 +47,162 @@ def _sortable_bits(noise):
 
 
 @triton.jit
-def _random_masking_kernel(x_ptr, noise_ptr, out_ptr, mask_ptr, ids_restore_ptr, ids_keep_ptr,
-                           L, K, D, stride_xb, stride_xl, stride_nb,
-                           BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr):
+def _block_mask(draws_ptr, attempts, pos, in_row, grid_h, grid_w, num_mask, min_patches):
+    """reference.block_cover for one row, every token of the row at once (one attempt per
+    loop step). NOTE: sqrt_rn / div_rn, not sqrt and `/`: the GPU's defaults are approximate,
+    and one ulp can change a rounded side and so the mask; the correctly rounded ones give the
+    reference's float32 results bit for bit."""
+    row = pos // grid_w
+    col = pos % grid_w
+    blocked = pos < 0
+    count = num_mask * 0
+    for attempt in range(attempts):
+        u_area = tl.load(draws_ptr + attempt * 4)
+        aspect = tl.load(draws_ptr + attempt * 4 + 1)
+        u_top = tl.load(draws_ptr + attempt * 4 + 2)
+        u_left = tl.load(draws_ptr + attempt * 4 + 3)
+        remaining = num_mask - count
+        lo = tl.minimum(min_patches, remaining)
+        area = lo + tl.floor(u_area * (remaining - lo + 1).to(tl.float32)).to(tl.int32)
+        area = tl.minimum(area, remaining).to(tl.float32)
+        h = tl.floor(tl.sqrt_rn(area * aspect) + 0.5).to(tl.int32)
+        w = tl.floor(tl.sqrt_rn(tl.div_rn(area, aspect)) + 0.5).to(tl.int32)
+        top = tl.minimum(tl.floor(u_top * (grid_h - h + 1).to(tl.float32)).to(tl.int32),
+                         grid_h - h)
+        left = tl.minimum(tl.floor(u_left * (grid_w - w + 1).to(tl.float32)).to(tl.int32),
+                          grid_w - w)
+        inside = (in_row & (row >= top) & (row < top + h) & (col >= left)
+                  & (col < left + w))
+        new = tl.sum((inside & (blocked == 0)).to(tl.int32), axis=0)
+        accept = ((h >= 1) & (w >= 1) & (h < grid_h) & (w < grid_w) & (new > 0)
+                  & (new <= remaining))
+        blocked = blocked | (inside & accept)
+        count += tl.where(accept, new, 0)
+    return blocked
+
+
+@triton.jit
+def _masking_kernel(x_ptr, noise_ptr, draws_ptr, offsets_ptr, out_ptr, mask_ptr,
+                    ids_restore_ptr, ids_keep_ptr, S, K, D, frames, grid_w, attempts,
+                    num_mask, param, stride_xb, stride_xl, stride_nb,
+                    STRATEGY: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D_TILES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     d_block = tl.program_id(1)
     pos = tl.arange(0, BLOCK_L)
-    in_row = pos < L
-    noise = tl.load(noise_ptr + b * stride_nb + pos, mask=in_row, other=0.0).to(tl.float32)
-    bits = tl.where(in_row, _sortable_bits(noise), 0xFFFFFFFF).to(tl.uint64)
-    keys = tl.sort((bits << 32) | pos.to(tl.uint64))
-    ids_shuffle = (keys & 0xFFFFFFFF).to(tl.int64)  # ids_shuffle[j]: the token of rank j
+    in_row = pos < S
+    index = pos.to(tl.uint64)  # the low bits of every key: a stable sort
+    if STRATEGY == 2:  # grid: kept tokens first, in position order; param = keep_every
+        offset_row = tl.load(offsets_ptr + b * 2)
+        offset_col = tl.load(offsets_ptr + b * 2 + 1)
+        on_grid = (((pos // grid_w) % param == offset_row)
+                   & ((pos % grid_w) % param == offset_col))
+        keys = (tl.where(on_grid & in_row, 0, 1).to(tl.uint64) << 32) | index
+    else:
+        noise = tl.load(noise_ptr + b * stride_nb + pos, mask=in_row, other=0.0).to(tl.float32)
+        bits = tl.where(in_row, _sortable_bits(noise), 0xFFFFFFFF).to(tl.uint64)
+        if STRATEGY == 1:  # block: uncovered tokens first, each part in noise order
+            blocked = _block_mask(draws_ptr + b * attempts * 4, attempts, pos, in_row,
+                                  S // grid_w, grid_w, num_mask, param)
+            covered = tl.where(blocked | (in_row == 0), 1, 0).to(tl.uint64)
+            keys = (covered << 63) | (bits << 31) | index
+        else:
+            keys = (bits << 32) | index
+    ids_shuffle = (tl.sort(keys) & 0x7FFFFFFF).to(tl.int64)  # ids_shuffle[j]: the token of rank j
     keep = pos < K
+    length = frames * S
 
     if d_block == 0:
-        row = b * L
-        tl.store(ids_restore_ptr + row + ids_shuffle, pos.to(tl.int64), mask=in_row)
-        tl.store(mask_ptr + row + ids_shuffle, (pos >= K).to(mask_ptr.dtype.element_ty),
-                 mask=in_row)
-        tl.store(ids_keep_ptr + b * K + pos, ids_shuffle, mask=keep)
+        for t in range(frames):
+            token = t * S + ids_shuffle
+            rank = tl.where(keep, t * K + pos, frames * K + t * (S - K) + pos - K)
+            tl.store(ids_restore_ptr + b * length + token, rank.to(tl.int64), mask=in_row)
+            tl.store(mask_ptr + b * length + token, (pos >= K).to(mask_ptr.dtype.element_ty),
+                     mask=in_row)
+            tl.store(ids_keep_ptr + b * frames * K + t * K + pos, token, mask=keep)
 
-    src_rows = x_ptr + b * stride_xb + ids_shuffle[:, None] * stride_xl
-    dst_rows = out_ptr + (b * K + pos).to(tl.int64)[:, None] * D
-    for tile_index in range(D_TILES):
-        cols = (d_block * D_TILES + tile_index) * BLOCK_D + tl.arange(0, BLOCK_D)
-        tile = keep[:, None] & (cols < D)[None, :]
-        values = tl.load(src_rows + cols[None, :], mask=tile)
-        tl.store(dst_rows + cols[None, :], values, mask=tile)
-
-
-def _from_order(x, ids_shuffle, len_keep: int, mask_dtype: torch.dtype):
-    """Everything the op returns, given the sorted order of the noise."""
-    positions = torch.arange(ids_shuffle.shape[1], device=x.device).expand_as(ids_shuffle)
-    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)
-    ids_keep = ids_shuffle[:, :len_keep].contiguous()
-    mask = (ids_restore >= len_keep).to(mask_dtype)
-    return gather_op(x, ids_keep), mask, ids_restore, ids_keep
+    for t in range(frames):
+        src_rows = x_ptr + b * stride_xb + (t * S + ids_shuffle)[:, None] * stride_xl
+        dst_rows = out_ptr + (b * frames * K + t * K + pos)[:, None] * D
+        for tile_index in range(D_TILES):
+            cols = (d_block * D_TILES + tile_index) * BLOCK_D + tl.arange(0, BLOCK_D)
+            tile = keep[:, None] & (cols < D)[None, :]
+            values = tl.load(src_rows + cols[None, :], mask=tile)
+            tl.store(dst_rows + cols[None, :], values, mask=tile)
 
 
-def _random_masking_cpu(x: torch.Tensor, noise: torch.Tensor, len_keep: int,
-                        mask_dtype: torch.dtype):
-    return _from_order(x, torch.sort(noise, dim=1, stable=True).indices, len_keep, mask_dtype)
+def _spatial_order(noise, draws, offsets, S: int, len_keep: int, grid_w: int, strategy: int,
+                   param: int) -> torch.Tensor:
+    """ids_shuffle (B, S) of one frame: the kernel's sort, in PyTorch."""
+    if strategy == GRID:
+        pos = torch.arange(S, device=offsets.device)
+        on_grid = (((pos // grid_w) % param == offsets[:, :1])
+                   & ((pos % grid_w) % param == offsets[:, 1:]))
+        return torch.sort((~on_grid).to(torch.uint8), dim=1, stable=True).indices
+    order = torch.sort(noise, dim=1, stable=True).indices
+    if strategy == BLOCK:
+        covered = reference.block_cover(draws, (S // grid_w, grid_w), S - len_keep, param)
+        covered = covered.gather(1, order)
+        order = order.gather(1, torch.sort(covered.to(torch.uint8), dim=1, stable=True).indices)
+    return order
 
 
-def _random_masking_triton(x: torch.Tensor, noise: torch.Tensor, len_keep: int,
-                           mask_dtype: torch.dtype
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _masking_cpu(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Tensor | None,
+                 offsets: torch.Tensor | None, len_keep: int, frames: int, grid_w: int,
+                 strategy: int, param: int, mask_dtype: torch.dtype):
+    B, L, _ = x.shape
+    S = L // frames
+    order = _spatial_order(noise, draws, offsets, S, len_keep, grid_w, strategy, param)
+    frame_starts = torch.arange(0, L, S, device=x.device)[:, None]  # (frames, 1)
+    kept = (order[:, None, :len_keep] + frame_starts).flatten(1)
+    removed = (order[:, None, len_keep:] + frame_starts).flatten(1)
+    ids_shuffle = torch.cat([kept, removed], dim=1)
+    ranks = torch.arange(L, device=x.device).expand_as(ids_shuffle)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, ranks)
+    mask = (ids_restore >= frames * len_keep).to(mask_dtype)
+    return gather_op(x, kept), mask, ids_restore, kept
+
+
+def _masking_triton(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Tensor | None,
+                    offsets: torch.Tensor | None, len_keep: int, frames: int, grid_w: int,
+                    strategy: int, param: int, mask_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, D = x.shape
-    if L > MAX_FUSED_L or noise.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return _random_masking_cpu(x, noise, len_keep, mask_dtype)
+    S = L // frames
+    if S > MAX_FUSED_L or (noise is not None and noise.dtype not in
+                           (torch.float32, torch.float16, torch.bfloat16)):
+        return _masking_cpu(x, noise, draws, offsets, len_keep, frames, grid_w, strategy, param,
+                            mask_dtype)
     if x.stride(2) != 1:
         x = x.contiguous()
-    if noise.stride(1) != 1:
+    if noise is not None and noise.stride(1) != 1:
         noise = noise.contiguous()
-    out = x.new_empty(B, len_keep, D)
+    kept = frames * len_keep
+    out = x.new_empty(B, kept, D)
     mask = torch.empty(B, L, dtype=mask_dtype, device=x.device)
     ids_restore = torch.empty(B, L, dtype=torch.int64, device=x.device)
-    ids_keep = torch.empty(B, len_keep, dtype=torch.int64, device=x.device)
+    ids_keep = torch.empty(B, kept, dtype=torch.int64, device=x.device)
     if B == 0:
         return out, mask, ids_restore, ids_keep
-    block_l = triton.next_power_of_2(L)
+    block_l = triton.next_power_of_2(S)
     block_d = max(1, min(triton.next_power_of_2(max(D, 1)), TILE_ELEMENTS // block_l))
     d_tiles = max(1, min(COLUMNS_PER_PROGRAM // block_d, triton.cdiv(D, block_d)))
     grid = (B, max(1, triton.cdiv(D, block_d * d_tiles)))
+    # the pointers a strategy does not read: any tensor of the launch
+    noise_arg = noise if noise is not None else ids_restore
+    draws_arg = draws.contiguous() if draws is not None else out
+    offsets_arg = offsets.contiguous() if offsets is not None else ids_restore
     with torch.cuda.device_of(x):
-        wrap_triton(_random_masking_kernel)[grid](
-            x, noise, out, mask, ids_restore, ids_keep, L, len_keep, D,
-            x.stride(0), x.stride(1), noise.stride(0), BLOCK_L=block_l, BLOCK_D=block_d,
+        wrap_triton(_masking_kernel)[grid](
+            x, noise_arg, draws_arg, offsets_arg, out, mask, ids_restore, ids_keep, S,
+            len_keep, D, frames, grid_w, S, S - len_keep, param, x.stride(0), x.stride(1),
+            noise_arg.stride(0), STRATEGY=strategy, BLOCK_L=block_l, BLOCK_D=block_d,
             D_TILES=d_tiles,
         )
     return out, mask, ids_restore, ids_keep
 
 
-random_masking_op = device_op("random_masking", _random_masking_triton, _random_masking_cpu)
+masking_op = device_op("masking", _masking_triton, _masking_cpu)
 
 
 def _setup(ctx, inputs, output):
@@ -119,10 +212,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_x_masked, _grad_mask, _grad_ids_restore, _grad_ids_keep):
     (ids_keep,) = ctx.saved_tensors
-    return scatter_op(grad_x_masked.contiguous(), ids_keep, ctx.length), None, None, None
+    grad = scatter_op(grad_x_masked.contiguous(), ids_keep, ctx.length)
+    return grad, None, None, None, None, None, None, None, None, None
 
 
-random_masking_op.register_autograd(_backward, setup_context=_setup)
+masking_op.register_autograd(_backward, setup_context=_setup)
 
 
 def keep_count(num_tokens: int, mask_ratio) -> int:
@@ -136,6 +230,36 @@ def keep_count(num_tokens: int, mask_ratio) -> int:
             f"mask_ratio {mask_ratio} keeps no token of {num_tokens}: int(L * (1 - mask_ratio)) = 0"
         )
     return len_keep
+
+
+def _noise(noise, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The caller's noise, checked, or torch.rand(shape) on x's device as the reference draws it."""
+    if noise is None:
+        return torch.rand(*shape, device=x.device)
+    _checks.tensor("noise", noise, len(shape))
+    _checks.same_device(x=x, noise=noise)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    if noise.dtype.is_complex or noise.dtype == torch.bool:
+        raise TypeError(f"noise must be a real tensor, got {noise.dtype}")
+    return noise
+
+
+def _with_ids_keep(masked):
+    """A reference masking's outputs plus ids_keep: the first x_masked.shape[1] entries of
+    ids_shuffle, the inverse of ids_restore."""
+    x_masked, mask, ids_restore = masked
+    return x_masked, mask, ids_restore, torch.argsort(ids_restore, dim=1)[:, :x_masked.shape[1]]
+
+
+def _grid(grid, num_tokens: int) -> tuple[int, int]:
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+        raise TypeError(f"grid must be a pair of positive ints (rows, columns), got {grid!r}")
+    if grid[0] * grid[1] != num_tokens:
+        raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens, but x has "
+                         f"{num_tokens} per frame")
+    return int(grid[0]), int(grid[1])
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -152,19 +276,125 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 def random_masking_with_ids(x: torch.Tensor, mask_ratio: float,
                             noise: torch.Tensor | None = None):
     """`random_masking`, plus ids_keep (B, len_keep): the kept positions, in keep order."""
+    return tube_masking_with_ids(x, mask_ratio, 1, noise)
+
+
+def tube_masking(x: torch.Tensor, mask_ratio: float, frames: int,
+                 noise: torch.Tensor | None = None):
+    """VideoMAE's tube masking: one random spatial mask per sample, shared by every frame.
+
+    x: (B, frames * S, D), frame-major (the token of frame t at spatial position s is
+    t * S + s). noise: (B, S) (default torch.rand), ordered as in `random_masking`; each frame
+    keeps the same `len_keep = int(S * (1 - mask_ratio))` positions. Returns (x_masked
+    (B, frames * len_keep, D): frame 0's kept tokens in noise order, then frame 1's, ...;
+    mask (B, frames * S); ids_restore (B, frames * S)), ready for `unshuffle`.
+    """
+    return tube_masking_with_ids(x, mask_ratio, frames, noise)[:3]
+
+
+def tube_masking_with_ids(x: torch.Tensor, mask_ratio: float, frames: int,
+                          noise: torch.Tensor | None = None):
+    """`tube_masking`, plus ids_keep (B, frames * len_keep): the kept positions, in keep order."""
+    _checks.tensor("x", x, 3, floating=True)
+    _checks.integer("frames", frames, 1)
+    B, L, _ = x.shape
+    if L % frames:
+        raise ValueError(f"frames {frames} does not divide the {L} tokens of x")
+    S = L // frames
+    len_keep = keep_count(S, mask_ratio)
+    noise = _noise(noise, x, (B, S))
+    if USE_REFERENCE:
+        return _with_ids_keep(reference.tube_masking(x, mask_ratio, frames, noise))
+    return masking_op(x, noise, None, None, len_keep, frames, 1, RANDOM, 0,
+                      torch.get_default_dtype())
+
+
+def block_masking(x: torch.Tensor, mask_ratio: float, grid: tuple[int, int],
+                  noise: torch.Tensor | None = None, *, min_patches: int = 4,
+                  aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3)):
+    """BEiT's block-wise masking with an exact count: rectangles of random area and aspect
+    ratio cover up to `L - len_keep` tokens; if they cover fewer, the uncovered tokens with the
+    largest noise are masked too. Algorithm: `reference.block_cover` and
+    `reference.block_masking`.
+
+    x: (B, L, D) with L = grid[0] * grid[1]. noise: (B, L, 5) uniform in [0, 1) (default
+    torch.rand): [..., 0] orders the tokens as `random_masking`'s noise does; [b, a, 1:] are
+    the draws of rectangle attempt a (area, aspect ratio, top, left). Returns what
+    `random_masking` returns; kept tokens are in noise order.
+    """
+    return block_masking_with_ids(x, mask_ratio, grid, noise, min_patches=min_patches,
+                                  aspect_ratio=aspect_ratio)[:3]
+
+
+def block_masking_with_ids(x: torch.Tensor, mask_ratio: float, grid: tuple[int, int],
+                           noise: torch.Tensor | None = None, *, min_patches: int = 4,
+                           aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3)):
+    """`block_masking`, plus ids_keep (B, len_keep)."""
     _checks.tensor("x", x, 3, floating=True)
     B, L, _ = x.shape
+    grid_h, grid_w = _grid(grid, L)
     len_keep = keep_count(L, mask_ratio)
-    if noise is None:
-        noise = torch.rand(B, L, device=x.device)
-    else:
-        _checks.tensor("noise", noise, 2)
-        _checks.same_device(x=x, noise=noise)
-        if tuple(noise.shape) != (B, L):
-            raise ValueError(f"noise must have shape {(B, L)}, got {tuple(noise.shape)}")
-        if noise.dtype.is_complex or noise.dtype == torch.bool:
-            raise TypeError(f"noise must be a real tensor, got {noise.dtype}")
+    _checks.integer("min_patches", min_patches, 1)
+    if (not isinstance(aspect_ratio, (tuple, list)) or len(aspect_ratio) != 2
+            or not all(isinstance(a, (int, float)) and a > 0 for a in aspect_ratio)
+            or aspect_ratio[0] > aspect_ratio[1]):
+        raise ValueError(f"aspect_ratio must be (low, high) with 0 < low <= high, got "
+                         f"{aspect_ratio!r}")
+    noise = _noise(noise, x, (B, L, 5))
+    order_noise, draws = reference.block_draws(noise, aspect_ratio)
     if USE_REFERENCE:
-        ids_keep = torch.argsort(noise, dim=1, stable=True)[:, :len_keep]
-        return (*reference.random_masking(x, mask_ratio, noise), ids_keep)
-    return random_masking_op(x, noise, len_keep, torch.get_default_dtype())
+        return _with_ids_keep(reference.block_masking(x, mask_ratio, grid, noise, min_patches,
+                                                      aspect_ratio))
+    return masking_op(x, order_noise, draws, None, len_keep, 1, grid_w, BLOCK, min_patches,
+                      torch.get_default_dtype())
+
+
+def grid_masking(x: torch.Tensor, grid: tuple[int, int], keep_every: int = 2, offset=None):
+    """The MAE paper's grid-wise sampling: keep one token of every keep_every x keep_every
+    square (keep_every=2: one in four, a 75% mask), in position order.
+
+    x: (B, L, D) with L = grid[0] * grid[1], both divisible by keep_every. offset: the kept
+    (row, column) inside each square: None for (0, 0), a pair for every sample, or a (B, 2)
+    integer tensor per sample. Returns what `random_masking` returns.
+    """
+    return grid_masking_with_ids(x, grid, keep_every, offset)[:3]
+
+
+def grid_masking_with_ids(x: torch.Tensor, grid: tuple[int, int], keep_every: int = 2,
+                          offset=None):
+    """`grid_masking`, plus ids_keep (B, L / keep_every**2)."""
+    _checks.tensor("x", x, 3, floating=True)
+    B, L, _ = x.shape
+    grid_h, grid_w = _grid(grid, L)
+    _checks.integer("keep_every", keep_every, 1)
+    if grid_h % keep_every or grid_w % keep_every:
+        raise ValueError(f"keep_every {keep_every} must divide both sides of grid {grid}, so "
+                         "that every sample keeps the same number of tokens")
+    offsets = _grid_offsets(offset, B, keep_every, x.device)
+    len_keep = L // keep_every**2
+    if USE_REFERENCE:
+        return _with_ids_keep(reference.grid_masking(x, grid, keep_every, offsets))
+    return masking_op(x, None, None, offsets, len_keep, 1, grid_w, GRID, keep_every,
+                      torch.get_default_dtype())
+
+
+def _grid_offsets(offset, batch: int, keep_every: int, device) -> torch.Tensor:
+    if offset is None:
+        offset = (0, 0)
+    if isinstance(offset, torch.Tensor):
+        _checks.tensor("offset", offset, 2)
+        if tuple(offset.shape) != (batch, 2) or offset.dtype.is_floating_point \
+                or offset.dtype.is_complex or offset.dtype == torch.bool:
+            raise ValueError(f"offset must be an integer tensor of shape {(batch, 2)}, got "
+                             f"{offset.dtype} {tuple(offset.shape)}")
+        offsets = offset.to(device=device, dtype=torch.int64)
+    else:
+        if (not isinstance(offset, (tuple, list)) or len(offset) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offset)):
+            raise TypeError(f"offset must be None, a pair of ints or a (B, 2) tensor, got "
+                            f"{offset!r}")
+        offsets = torch.tensor(offset, dtype=torch.int64, device=device).expand(batch, 2)
+    if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) >= keep_every):
+        raise ValueError(f"offset entries must lie in [0, keep_every={keep_every}), got "
+                         f"{offsets.unique().tolist()}")
+    return offsets.contiguous()

@@ -6,15 +6,27 @@ runs on them. Where the official code leaves a choice open, DESIGN.md fixes it: 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "patchify",
     "unpatchify",
+    "patchify3d",
+    "unpatchify3d",
     "random_masking",
+    "tube_masking",
+    "block_masking",
+    "block_draws",
+    "block_cover",
+    "grid_masking",
     "unshuffle",
     "mae_loss",
     "norm_pix_stats",
+    "hog_targets",
+    "hog_loss",
+    "hog_boundaries",
     "gather_tokens",
     "scatter_tokens",
 ]
@@ -39,6 +51,26 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = 
     x = x.reshape(B, h, w, p, p, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(B, channels, h * p, w * p)
+
+
+def patchify3d(videos: torch.Tensor, tubelet_size: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, (T/t)*(H/p)*(W/p), t*p*p*C): tubelets frame-major, then row-major
+    over the grid; inside one (frame, row, col, channel), channel fastest (VideoMAE's order)."""
+    t, p, _ = tubelet_size
+    B, C, T, H, W = videos.shape
+    x = videos.reshape(B, C, T // t, t, H // p, p, W // p, p)
+    x = torch.einsum("ncTtHpWq->nTHWtpqc", x)
+    return x.reshape(B, (T // t) * (H // p) * (W // p), t * p * p * C)
+
+
+def unpatchify3d(x: torch.Tensor, tubelet_size: tuple[int, int, int],
+                 grid: tuple[int, int, int], channels: int = 3) -> torch.Tensor:
+    """(B, L, t*p*p*C) -> (B, C, T, H, W): the inverse of patchify3d for a (T/t, H/p, W/p) grid."""
+    t, p, _ = tubelet_size
+    frames, h, w = grid
+    x = x.reshape(x.shape[0], frames, h, w, t, p, p, channels)
+    x = torch.einsum("nTHWtpqc->ncTtHpWq", x)
+    return x.reshape(x.shape[0], channels, frames * t, h * p, w * p)
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -89,9 +121,13 @@ def loss_dtype(imgs: torch.Tensor, pred: torch.Tensor) -> torch.dtype:
 
 
 def loss_targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """What `pred` is compared with: the patches, normalised per patch with `norm_pix_loss`."""
-    target = patchify(imgs, patch_size).to(dtype)
+                 dtype: torch.dtype, tubelet_size: int = 1) -> torch.Tensor:
+    """What `pred` is compared with: the patches (tubelets for videos (B, C, T, H, W)),
+    normalised per patch with `norm_pix_loss`."""
+    if imgs.dim() == 5:
+        target = patchify3d(imgs, (tubelet_size, patch_size, patch_size)).to(dtype)
+    else:
+        target = patchify(imgs, patch_size).to(dtype)
     if norm_pix_loss:
         mean, std = norm_pix_stats(target)
         target = (target - mean) / std
@@ -99,15 +135,57 @@ def loss_targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
 
 
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-             norm_pix_loss: bool = True) -> torch.Tensor:
+             norm_pix_loss: bool = True, tubelet_size: int = 1) -> torch.Tensor:
     """Mean squared error on removed patches, in float32 (float64 for float64 inputs);
-    norm-pix uses the unbiased variance."""
+    norm-pix uses the unbiased variance. Videos (B, C, T, H, W): over tubelets."""
     dtype = loss_dtype(imgs, pred)
-    target = loss_targets(imgs, patch_size, norm_pix_loss, dtype)
+    target = loss_targets(imgs, patch_size, norm_pix_loss, dtype, tubelet_size)
     loss = (pred.to(dtype) - target) ** 2
     loss = loss.mean(dim=-1)
     mask = mask.to(dtype)
     return (loss * mask).sum() / mask.sum()
+
+
+def hog_boundaries(bins: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (float32) of the orientation bin boundaries k * pi / bins, k = 0..bins-1."""
+    angles = torch.arange(bins, dtype=torch.float64) * math.pi / bins
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def hog_targets(imgs: torch.Tensor, patch_size: int, bins: int = 9, cell: int = 8) -> torch.Tensor:
+    """MaskFeat-style HOG per patch (mae_kernels.hog documents each choice): (B, L,
+    C * (p/cell)^2 * bins) float32, laid out (channel, cell row, cell col, bin) per patch."""
+    x = imgs.float()
+    B, C, H, W = x.shape
+    gx, gy = torch.zeros_like(x), torch.zeros_like(x)
+    gx[..., :, 1:-1] = x[..., :, 2:] - x[..., :, :-2]
+    gy[..., 1:-1, :] = x[..., 2:, :] - x[..., :-2, :]
+    magnitude = torch.sqrt(gx * gx + gy * gy)
+    flip = (gy < 0) | ((gy == 0) & (gx < 0))
+    gx, gy = torch.where(flip, -gx, gx), torch.where(flip, -gy, gy)
+    cos, sin = hog_boundaries(bins, x.device)
+    index = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    for k in range(1, bins):
+        index += (cos[k] * gy - sin[k] * gx >= 0).long()
+    votes = torch.zeros(B, C, H, W, bins, device=x.device)
+    votes.scatter_(-1, index.unsqueeze(-1), magnitude.unsqueeze(-1))
+    # cell histograms (B, C, H/cell, W/cell, bins), averaged over the cell's pixels
+    hist = votes.reshape(B, C, H // cell, cell, W // cell, cell, bins).mean(dim=(3, 5))
+    k = patch_size // cell
+    h, w = H // patch_size, W // patch_size
+    hist = hist.reshape(B, C, h, k, w, k, bins).permute(0, 2, 4, 1, 3, 5, 6)
+    features = hist.reshape(B, h * w, C * k * k * bins)
+    return features / torch.sqrt((features * features).sum(-1, keepdim=True) + 1e-10)
+
+
+def hog_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+             patch_size: int) -> torch.Tensor:
+    """Mean squared error to the HOG features (hog_targets, default bins and cells) on removed
+    patches, in float32."""
+    target = hog_targets(imgs, patch_size)
+    mask = mask.float()
+    error = ((pred.float() - target) ** 2).mean(dim=-1)
+    return (error * mask).sum() / mask.sum()
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -120,3 +198,109 @@ def scatter_tokens(src: torch.Tensor, index: torch.Tensor, length: int) -> torch
     B, _, D = src.shape
     out = src.new_zeros(B, length, D)
     return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, D), src)
+
+
+def _masked_by_order(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int):
+    """random_masking's outputs for a given order of the tokens (the first len_keep kept)."""
+    N, L, D = x.shape
+    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
+    x_masked = torch.gather(x, dim=1, index=ids_shuffle[:, :len_keep, None].repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked, mask, ids_restore
+
+
+def tube_masking(x: torch.Tensor, mask_ratio: float, frames: int,
+                 noise: torch.Tensor | None = None):
+    """VideoMAE's tube masking: x (B, frames * S, D) frame-major; one random spatial mask per
+    sample (the smallest-noise S * (1 - mask_ratio) positions) kept in every frame. x_masked
+    holds frame 0's kept tokens in noise order, then frame 1's, ..."""
+    N, L, D = x.shape
+    S = L // frames
+    len_keep = int(S * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(N, S, device=x.device)
+    order = torch.argsort(noise, dim=1, stable=True)
+    starts = torch.arange(frames, device=x.device)[:, None] * S
+    ids_shuffle = torch.cat([(order[:, None, :len_keep] + starts).flatten(1),
+                             (order[:, None, len_keep:] + starts).flatten(1)], dim=1)
+    return _masked_by_order(x, ids_shuffle, frames * len_keep)
+
+
+def block_draws(noise: torch.Tensor, aspect_ratio: tuple[float, float]):
+    """block_masking's noise (B, L, 5) -> the token order noise (B, L) and the draws of each
+    rectangle attempt (B, L, 4) in float32: area, aspect ratio (log-uniform between the two
+    bounds, as BEiT draws it), top, left."""
+    lo, hi = math.log(aspect_ratio[0]), math.log(aspect_ratio[1])
+    draws = noise[..., 1:].float().clone()
+    draws[..., 1] = torch.exp(lo + draws[..., 1] * (hi - lo))
+    return noise[..., 0], draws
+
+
+def block_cover(draws: torch.Tensor, grid: tuple[int, int], num_mask: int,
+                min_patches: int) -> torch.Tensor:
+    """The tokens BEiT-style rectangles cover, (B, L) bool, from the draws of `block_draws`.
+
+    With r = num_mask - covered, attempt a of each sample draws a rectangle: its area is an
+    integer uniform in [min(min_patches, r), r], its sides h = floor(sqrt(area * aspect) + 0.5)
+    and w = floor(sqrt(area / aspect) + 0.5) in float32, its top-left corner uniform over the
+    positions where it fits. As in BEiT's MaskingGenerator it is used if h < grid rows and
+    w < grid columns and it covers between 1 and r new tokens. Unlike BEiT, which stops after
+    10 failed attempts in a row, every sample makes all its attempts (one per token)."""
+    B, attempts, _ = draws.shape
+    grid_h, grid_w = grid
+    pos = torch.arange(grid_h * grid_w, device=draws.device)
+    row, col = pos // grid_w, pos % grid_w
+    covered = torch.zeros(B, grid_h * grid_w, dtype=torch.bool, device=draws.device)
+    count = torch.zeros(B, dtype=torch.int32, device=draws.device)
+    for attempt in range(attempts):
+        u_area, aspect, u_top, u_left = draws[:, attempt].unbind(1)
+        remaining = num_mask - count
+        lo = torch.clamp(remaining, max=min_patches)
+        area = lo + torch.floor(u_area * (remaining - lo + 1).float()).int()
+        area = torch.minimum(area, remaining).float()
+        h = torch.floor(torch.sqrt(area * aspect) + 0.5).int()
+        w = torch.floor(torch.sqrt(area / aspect) + 0.5).int()
+        top = torch.minimum(torch.floor(u_top * (grid_h - h + 1).float()).int(), grid_h - h)
+        left = torch.minimum(torch.floor(u_left * (grid_w - w + 1).float()).int(), grid_w - w)
+        inside = ((row >= top[:, None]) & (row < (top + h)[:, None])
+                  & (col >= left[:, None]) & (col < (left + w)[:, None]))
+        new = (inside & ~covered).sum(1, dtype=torch.int32)
+        used = (h >= 1) & (w >= 1) & (h < grid_h) & (w < grid_w) & (new > 0) & (new <= remaining)
+        covered |= inside & used[:, None]
+        count += torch.where(used, new, 0)
+    return covered
+
+
+def block_masking(x: torch.Tensor, mask_ratio: float, grid: tuple[int, int],
+                  noise: torch.Tensor | None = None, min_patches: int = 4,
+                  aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3)):
+    """Block-wise masking after BEiT, with an exact count: `block_cover` covers up to
+    L - len_keep tokens with rectangles; the kept tokens are the uncovered ones first, each
+    group in the order of noise[..., 0] (ties to the lower index), so a shortfall of covered
+    tokens is made up by the uncovered ones with the largest noise."""
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(N, L, 5, device=x.device)
+    order_noise, draws = block_draws(noise, aspect_ratio)
+    covered = block_cover(draws, grid, L - len_keep, min_patches)
+    by_noise = torch.argsort(order_noise, dim=1, stable=True)
+    by_cover = torch.argsort(covered.gather(1, by_noise).int(), dim=1, stable=True)
+    return _masked_by_order(x, by_noise.gather(1, by_cover), len_keep)
+
+
+def grid_masking(x: torch.Tensor, grid: tuple[int, int], keep_every: int = 2,
+                 offsets: torch.Tensor | None = None):
+    """The MAE paper's grid-wise sampling: keep the token at (offset row, offset column) of
+    every keep_every x keep_every square, in position order; offsets (B, 2), default zeros."""
+    N, L, D = x.shape
+    grid_h, grid_w = grid
+    if offsets is None:
+        offsets = torch.zeros(N, 2, dtype=torch.int64, device=x.device)
+    rows = torch.arange(L, device=x.device) // grid_w
+    cols = torch.arange(L, device=x.device) % grid_w
+    kept = (rows % keep_every == offsets[:, :1]) & (cols % keep_every == offsets[:, 1:])
+    ids_shuffle = torch.argsort((~kept).int(), dim=1, stable=True)
+    return _masked_by_order(x, ids_shuffle, L // keep_every**2)

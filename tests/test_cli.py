@@ -131,6 +131,21 @@ def test_cli_checkpoints_load_as_the_config_model(tmp_path):
     again.load_state_dict(model.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("mask_type", ["block", "grid"])
+def test_pretrain_with_each_mask_sampling(tmp_path, mask_type):
+    """--mask-type reaches the model and the checkpoint; the epoch figure draws its masks."""
+    assert main(["pretrain", *TINY, "--epochs", "1", "--mask-type", mask_type,
+                 "--output-dir", str(tmp_path)]) == 0
+    model, saved = model_from_checkpoint(tmp_path / "checkpoint-last.pth")
+    assert model.mask_type == mask_type == saved["model_config"]["mask_type"]
+    assert (tmp_path / "reconstruction-000.png").exists()
+
+
+def test_grid_masking_with_another_ratio_is_an_error(capsys):
+    assert main(["pretrain", *TINY, "--mask-type", "grid", "--mask-ratio", "0.6"]) == 1
+    assert "mask_ratio" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_config_file_with_flags_overriding_it(tmp_path, suffix):
     values = {"model": "mae_vit_tiny_patch16", "img_size": 16, "patch_size": 4,
@@ -199,6 +214,8 @@ def commands_given(path, tmp_path):
         "export": ["export", "--checkpoint", str(path), "-o", str(tmp_path / "m.safetensors")],
         "pretrain --resume": ["pretrain", *TINY, "--epochs", "2", "--resume", str(path),
                               "--output-dir", str(tmp_path / "resumed")],
+        "anomaly": ["anomaly", "--checkpoint", str(path), "--image", str(image),
+                    "-o", str(tmp_path / "a.png"), "--device", "cpu"],
     }
 
 
@@ -249,15 +266,18 @@ def test_export_safetensors_round_trip(tmp_path):
 
 def test_ablate_writes_the_tables_and_plot(tmp_path):
     assert main(["ablate", "--mask-ratios", "0.5,0.75", "--decoder-depths", "1",
-                 "--epochs", "1", "--dataset-size", "64", "--probe-epochs", "1",
+                 "--mask-types", "random,grid", "--epochs", "1", "--dataset-size", "64",
+                 "--probe-epochs", "1",
                  "--probe-val-size", "20", "--num-workers", "0", "--device", "cpu", "--quiet",
                  "--output-dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "ablation.json").read_text())
     base_depth = MODEL_CONFIGS["mae_vit_tiny_patch16"]["decoder_layers"]
-    assert [(r["mask_ratio"], r["decoder_depth"]) for r in results] == [
-        (0.5, base_depth), (0.75, base_depth), (0.75, 1)]
+    assert [(r["mask_ratio"], r["decoder_depth"], r["mask_type"]) for r in results] == [
+        (0.5, base_depth, "random"), (0.75, base_depth, "random"), (0.75, 1, "random"),
+        (0.75, base_depth, "grid")]
     table = (tmp_path / "ablation.md").read_text()
     assert "| mask ratio |" in table and "| decoder depth |" in table
+    assert "| mask sampling |" in table and "\n| grid |" in table and "\n| random |" in table
     assert table.count("\n| 0.75 |") == 1 and "\n| 1 |" in table
     with Image.open(tmp_path / "ablation.png") as img:
         assert img.size[0] > 300

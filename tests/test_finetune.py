@@ -154,21 +154,36 @@ def test_two_processes_under_torchrun(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "ddp" / "checkpoint-last.pth")["step"] == 2
 
 
-@pytest.mark.slow
 def test_finetuning_a_pretrained_encoder_beats_training_from_scratch(tmp_path):
-    """A shorter version of the README's demo (about 10 minutes on 2 cores, so not in CI):
-    the pre-trained encoder, fine-tuned, beats the same ViT trained from scratch with the same
-    recipe and budget (measured: 28.0 vs 17.7). At this budget fine-tuning does not yet beat
-    probing the encoder (44.4); the README's full-length demo shows that (88.5 vs 61.2)."""
+    """A short run for CI (about 4 minutes on 2 cores): a 4-block, 128-wide encoder pre-trained
+    for 20 epochs of 2048 images, then fine-tuned for 10 epochs of 1024, against the same ViT
+    from random weights (`--random-init`) with the same recipe and budget. Measured: 28.2 vs
+    19.4 top-1. At this budget a linear probe of the encoder does better (36.8): fine-tuning
+    overtakes it only with a longer run (the README's demo: 88.5 vs 61.2)."""
     from mae.finetune import finetune
 
-    data = ["--dataset-size", "2048", "--num-workers", "1", "--quiet", "--device", "cpu"]
-    assert main(["pretrain", "--norm-pix-loss", "--epochs", "32", *data,
-                 "--output-dir", str(tmp_path / "pre")]) == 0
+    config = tmp_path / "small.yaml"
+    config.write_text("encoder_dim: 128\nencoder_layers: 4\ndecoder_dim: 64\n"
+                      "decoder_layers: 1\n")
+    data = ["--num-workers", "1", "--quiet", "--device", "cpu"]
+    assert main(["pretrain", "--config", str(config), "--input-size", "32", "--patch-size", "8",
+                 "--blr", "5e-3", "--warmup-epochs", "1", "--norm-pix-loss", "--epochs", "20",
+                 "--dataset-size", "2048", *data, "--output-dir", str(tmp_path / "pre")]) == 0
     encoder = str(tmp_path / "pre" / "checkpoint-last.pth")
-    tune = ["finetune", "--epochs", "6", "--warmup-epochs", "1", "--val-size", "1000", *data]
-    tuned = finetune(parse_args([*tune, "--finetune", encoder,
-                                 "--output-dir", str(tmp_path / "ft")]))["val_top1"]
-    scratch = finetune(parse_args([*tune, "--output-dir", str(tmp_path / "scratch")]))["val_top1"]
+    tune = ["finetune", "--finetune", encoder, "--epochs", "10", "--warmup-epochs", "1",
+            "--batch-size", "32", "--dataset-size", "1024", "--val-size", "500", *data]
+    tuned = finetune(parse_args([*tune, "--output-dir", str(tmp_path / "ft")]))["val_top1"]
+    scratch = finetune(parse_args([*tune, "--random-init",
+                                   "--output-dir", str(tmp_path / "scratch")]))["val_top1"]
     print(f"top-1: fine-tuned {tuned:.1f}, from scratch {scratch:.1f}")
     assert tuned > scratch + 5, (tuned, scratch)
+
+
+def test_random_init_keeps_the_architecture_and_drops_the_weights(tmp_path, monkeypatch):
+    encoder = pretrained_checkpoint(tmp_path)
+    monkeypatch.setattr(finetune_module, "load_pretrained",
+                        lambda *args: pytest.fail("--random-init loaded the weights"))
+    args = parse_args(["finetune", "--finetune", str(encoder), "--random-init", "--epochs", "0",
+                       *FAST, "--output-dir", str(tmp_path / "ft")])
+    finetune_module.finetune(args)
+    assert args.vit_config["encoder_layers"] == 12 and args.vit_config["patch_size"] == 4

@@ -186,3 +186,38 @@ def test_bf16_autocast_kernels_match_reference_cuda():
             cos = torch.nn.functional.cosine_similarity(pf.grad.flatten().float(),
                                                         pp.grad.flatten().float(), dim=0)
             assert cos > 0.99, name
+
+
+class PatchMeans(torch.nn.Module):
+    """A small feature network: per 8x8 patch, the mean of each channel through a linear layer
+    (F = 5) that must stay frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Linear(3, 5)
+
+    def forward(self, imgs):
+        patches = imgs.unfold(2, 8, 8).unfold(3, 8, 8).mean(dim=(-1, -2))  # (B, C, h, w)
+        return self.mix(patches.flatten(2).transpose(1, 2))
+
+
+def test_feature_target_predicts_a_user_module_s_features():
+    from mae import MAE
+
+    config = {"img_size": 32, "patch_size": 8, "encoder_dim": 32, "encoder_layers": 1,
+              "decoder_dim": 32, "decoder_layers": 1}
+    features = PatchMeans()
+    model = MAE(config, feature_target=features)
+    assert model.decoder_pred.out_features == 5
+    assert not any(n.startswith("feature") for n in model.state_dict())  # not saved
+    assert len(list(model.parameters())) == len(list(MAE(config).parameters()))  # not trained
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, predicted, mask = model(imgs)
+    assert predicted.shape == (2, 16, 5)
+    with torch.no_grad():
+        want = (((predicted - features(imgs)) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert features.mix.weight.grad is None and model.decoder_pred.weight.grad is not None
+    with pytest.raises(ValueError, match="feature_target"):
+        MAE(config, feature_target=lambda imgs: imgs.mean(dim=1))

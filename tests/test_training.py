@@ -153,10 +153,16 @@ def test_ddp_two_cpu_processes_on_gloo(tmp_path):
 @pytest.mark.slow
 def test_pretraining_learns_and_beats_random_encoder(tmp_path):
     """On the built-in data: the loss falls clearly, and probing the trained encoder beats
-    probing a randomly initialised one of the same shape."""
-    args = ["pretrain", "--input-size", "32", "--patch-size", "8", "--batch-size", "64",
-            "--dataset-size", "2048", "--epochs", "32", "--norm-pix-loss", "--num-workers", "1",
-            "--quiet", "--device", "cpu", "--output-dir", str(tmp_path)]
+    probing a randomly initialised one of the same shape. A 4-block, 128-wide encoder for 20
+    epochs of 2048 images (about 2 minutes on 2 cores); measured: loss 1.26 -> 0.49, probe
+    41.3 vs 28.4."""
+    config = tmp_path / "small.yaml"
+    config.write_text("encoder_dim: 128\nencoder_layers: 4\ndecoder_dim: 64\n"
+                      "decoder_layers: 1\n")
+    args = ["pretrain", "--config", str(config), "--input-size", "32", "--patch-size", "8",
+            "--blr", "5e-3", "--warmup-epochs", "1", "--batch-size", "64", "--dataset-size",
+            "2048", "--epochs", "20", "--norm-pix-loss", "--num-workers", "1", "--quiet",
+            "--device", "cpu", "--output-dir", str(tmp_path)]
     assert main(args) == 0
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     first = next(r["loss"] for r in records if r["kind"] == "step")
@@ -164,7 +170,7 @@ def test_pretraining_learns_and_beats_random_encoder(tmp_path):
     assert last < 0.6 * first, (first, last)
     from mae.linprobe import linprobe
 
-    probe = ["linprobe", "--checkpoint", str(tmp_path / "checkpoint-31.pth"), "--epochs", "60",
+    probe = ["linprobe", "--checkpoint", str(tmp_path / "checkpoint-19.pth"), "--epochs", "60",
              "--train-size", "2048", "--val-size", "1000", "--quiet", "--device", "cpu"]
     trained = linprobe(parse_args(probe))["top1"]
     random_init = linprobe(parse_args(probe + ["--random-init"]))["top1"]

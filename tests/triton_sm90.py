@@ -17,9 +17,10 @@ from torch._library.triton import set_wrap_triton_enabled
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mae_kernels import loss, masking, patches, unshuffling
+from mae_kernels import hog, loss, masking, patches, reference, unshuffling
 
 warnings.filterwarnings("ignore")
+STRATEGIES = {masking.RANDOM: "random", masking.BLOCK: "block", masking.GRID: "grid"}
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32"}
 
@@ -64,7 +65,15 @@ def run_launchers(dtype):
     x = torch.randn(B, L, D).to(dtype)
     ids_restore = torch.stack([torch.randperm(L) for _ in range(B)])
     mask = (ids_restore >= K).float()
-    masking._random_masking_triton(x, torch.rand(B, L), K, torch.float32)
+    f32 = torch.float32
+    masking._masking_triton(x, torch.rand(B, L), None, None, K, 1, 1, masking.RANDOM, 0, f32)
+    order, draws = reference.block_draws(torch.rand(B, L, 5), (0.3, 1 / 0.3))
+    masking._masking_triton(x, order, draws, None, K, 1, 14, masking.BLOCK, 4, f32)
+    offsets = torch.zeros(B, 2, dtype=torch.int64)
+    masking._masking_triton(x, None, None, offsets, K, 1, 14, masking.GRID, 2, f32)
+    # VideoMAE-B: 8 temporal positions of 14x14, 90% masked
+    video = torch.randn(2, 8 * L, D).to(dtype)
+    masking._masking_triton(video, torch.rand(2, L), None, None, 19, 8, 1, masking.RANDOM, 0, f32)
     dec = torch.randn(B, P + K, 512).to(dtype)
     unshuffling._unshuffle_triton(dec, torch.randn(1, 1, 512).to(dtype), ids_restore, P,
                                   torch.randn(1, P + L, 512).to(dtype))
@@ -72,19 +81,29 @@ def run_launchers(dtype):
                                            P, dtype)
     imgs = torch.randn(B, 3, 224, 224).to(dtype)
     pred = torch.randn(B, L, 768).to(dtype)
-    loss._mae_loss_triton(imgs, pred, mask, 16, True)
-    loss._mae_loss_backward_triton(torch.tensor(1.0), imgs, pred, mask, 16, True)
-    patches._unpatchify_triton(patches._patchify_triton(imgs, 16), 16, 14, 14, 3)
+    frame = imgs[:, :, None]  # the ops take videos: an image is one frame
+    loss._mae_loss_triton(frame, pred, mask, 1, 16, True)
+    loss._mae_loss_backward_triton(torch.tensor(1.0), frame, pred, mask, 1, 16, True)
+    patches._unpatchify_triton(patches._patchify_triton(frame, 1, 16), 1, 16, 1, 14, 14, 3)
+    hog._hog_triton(imgs, mask, 16, 9, 8)
+    # VideoMAE-B: 16 frames of 224x224 in 2x16x16 tubelets
+    videos = torch.randn(2, 3, 16, 224, 224).to(dtype)
+    tubes = patches._patchify_triton(videos, 2, 16)
+    patches._unpatchify_triton(tubes, 2, 16, 8, 14, 14, 3)
+    tube_mask = (torch.rand(2, 8 * L) > 0.9).float()
+    loss._mae_loss_triton(videos, tubes, tube_mask, 2, 16, True)
+    loss._mae_loss_backward_triton(torch.tensor(1.0), videos, tubes, tube_mask, 2, 16, True)
 
 
 def main():
     kernels = {
-        "random_masking": masking._random_masking_kernel,
+        "masking": masking._masking_kernel,
         "unshuffle": unshuffling._unshuffle_kernel,
         "unshuffle_backward": unshuffling._unshuffle_backward_kernel,
         "loss_forward": loss._loss_forward_kernel,
         "loss_backward": loss._loss_backward_kernel,
         "patchify": patches._patch_rows_kernel,
+        "hog": hog._hog_kernel,
     }
     recorders = {name: Recorder(kernel) for name, kernel in kernels.items()}
     with set_wrap_triton_enabled(False):  # launch directly, as the op's eager kernel does
@@ -92,8 +111,10 @@ def main():
             run_launchers(dtype)
     report = {}
     for name, recorder in recorders.items():
-        entry = report.setdefault(name, {"compiled": 0, "loads": set(), "stores": set()})
         for args, kwargs in recorder.calls:
+            # one entry per masking strategy (tube is random over several frames)
+            key = f"{name}_{STRATEGIES[kwargs['STRATEGY']]}" if "STRATEGY" in kwargs else name
+            entry = report.setdefault(key, {"compiled": 0, "loads": set(), "stores": set()})
             ptx = compile_call(recorder.kernel, args, dict(kwargs))
             entry["compiled"] += 1
             entry["loads"] |= set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx))

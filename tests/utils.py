@@ -6,20 +6,21 @@ from collections import Counter
 
 import torch
 
-from mae_kernels import loss, masking, patches, tokens, unshuffling
+from mae_kernels import hog, loss, masking, patches, tokens, unshuffling
 from mae_kernels._library import HAS_TRITON
 
 # The ops with a Triton launcher (their default kernel) and a CPU kernel.
 DEVICE_OPS = {
-    "random_masking": masking.random_masking_op,
+    "masking": masking.masking_op,
     "unshuffle": unshuffling.unshuffle_op,
     "unshuffle_backward": unshuffling.unshuffle_backward_op,
     "mae_loss": loss.mae_loss_op,
     "mae_loss_backward": loss.mae_loss_backward_op,
     "patchify": patches.patchify_op,
     "unpatchify": patches.unpatchify_op,
+    "hog_targets": hog.hog_op,
 }
-KERNELS = {name: kernel for module in (masking, unshuffling, loss, patches)
+KERNELS = {name: kernel for module in (masking, unshuffling, loss, patches, hog)
            for name, kernel in vars(module).items() if name.endswith("_kernel")}
 # "cpu": the dispatcher's CPU kernels (PyTorch + the C++ extension); "triton": the Triton
 # launchers on CPU tensors, through the interpreter.
