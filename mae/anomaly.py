@@ -31,6 +31,7 @@ from mae_kernels import reference
 
 from .data import build_dataset, center_resize, denormalize, to_tensor
 from .pretrain import model_from_checkpoint
+from .video import VideoMAE
 
 DEFECTS = ("blob", "scratch", "missing")
 
@@ -177,7 +178,7 @@ def anomaly(args) -> dict:
     """`mae anomaly`: a map for --image, a CSV of scores for --data-path, or the synthetic-defect
     evaluation (--synthetic N)."""
     model, saved = model_from_checkpoint(args.checkpoint, trust=args.unsafe_trust_checkpoint)
-    if model.patch_embed.proj.weight.dim() != 4 or model.target != "pixel":
+    if isinstance(model, VideoMAE) or model.target != "pixel":
         raise ValueError(f"--checkpoint {args.checkpoint} is not an image MAE that predicts "
                          "pixels; anomaly maps come from pixel reconstructions")
     model = model.to(torch.device(args.device))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import TRUST_FLAG, CheckpointError
-from .models import DEFAULT_CONFIG
+from .models import DEFAULT_CONFIG, MASK_TYPES
 
 
 def _flag(parser, name: str, **kwargs):
@@ -87,7 +87,7 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
                                                             "(default 2)")
     _flag(pre, "sampling-rate", type=int, default=4, help="video: frames between sampled "
                                                           "frames")
-    _flag(pre, "mask-type", choices=["random", "block", "grid"], default=None,
+    _flag(pre, "mask-type", choices=list(MASK_TYPES), default=None,
           help="mask sampling: random (official), block (BEiT-style rectangles) or grid (one "
                "patch of every 2x2 kept; needs --mask-ratio 0.75)")
     _flag(pre, "norm-pix-loss", action=argparse.BooleanOptionalAction, default=False)

@@ -452,8 +452,7 @@ class MAE(MaskedAutoencoderViT):
                      mask: torch.Tensor) -> torch.Tensor:
         if self.feature_target is None:
             return super().forward_loss(imgs, pred, mask)
-        error = ((pred.float() - self._features(imgs).float()) ** 2).mean(dim=-1)
-        return (error * mask).sum() / mask.sum()
+        return reference.masked_mse(pred, self._features(imgs), mask, torch.float32)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> MAE:

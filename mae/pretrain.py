@@ -136,7 +136,7 @@ def pretrain(args) -> dict:
     readable = [item[0] for item in map(preview.__getitem__, range(min(4, len(preview))))
                 if item is not None]
     # the epoch figures show pixels: none for a model that predicts HOG features
-    pixels = args.model_config.get("target", "pixel") == "pixel"
+    pixels = args.model_config["target"] == "pixel"
     preview_imgs = torch.stack(readable).to(device) if readable and pixels else None
     preview_noise = model.draw_noise(len(readable),
                                      torch.Generator().manual_seed(args.seed)).to(device)

@@ -230,7 +230,4 @@ def _hog_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
     if pred.shape != target.shape:
         raise ValueError(f"pred must have shape {tuple(target.shape)} for HOG targets of these "
                          f"imgs, got {tuple(pred.shape)}")
-    dtype = torch.promote_types(torch.float32, pred.dtype)
-    mask = mask.to(dtype)
-    error = ((pred.to(dtype) - target.to(dtype)) ** 2).mean(dim=-1)
-    return (error * mask).sum() / mask.sum()
+    return reference.masked_mse(pred, target, mask, torch.promote_types(torch.float32, pred.dtype))

@@ -341,10 +341,10 @@ def block_masking_with_ids(x: torch.Tensor, mask_ratio: float, grid: tuple[int, 
         raise ValueError(f"aspect_ratio must be (low, high) with 0 < low <= high, got "
                          f"{aspect_ratio!r}")
     noise = _noise(noise, x, (B, L, 5))
-    order_noise, draws = reference.block_draws(noise, aspect_ratio)
     if USE_REFERENCE:
         return _with_ids_keep(reference.block_masking(x, mask_ratio, grid, noise, min_patches,
                                                       aspect_ratio))
+    order_noise, draws = reference.block_draws(noise, aspect_ratio)
     return masking_op(x, order_noise, draws, None, len_keep, 1, grid_w, BLOCK, min_patches,
                       torch.get_default_dtype())
 

@@ -26,6 +26,7 @@ __all__ = [
     "norm_pix_stats",
     "hog_targets",
     "hog_loss",
+    "masked_mse",
     "hog_boundaries",
     "gather_tokens",
     "scatter_tokens",
@@ -134,16 +135,23 @@ def loss_targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
     return target
 
 
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The MAE loss's reduction, in `dtype`: the mean over each patch of (pred - target)^2,
+    then the mask-weighted mean over the patches."""
+    loss = (pred.to(dtype) - target.to(dtype)) ** 2
+    loss = loss.mean(dim=-1)
+    mask = mask.to(dtype)
+    return (loss * mask).sum() / mask.sum()
+
+
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
              norm_pix_loss: bool = True, tubelet_size: int = 1) -> torch.Tensor:
     """Mean squared error on removed patches, in float32 (float64 for float64 inputs);
     norm-pix uses the unbiased variance. Videos (B, C, T, H, W): over tubelets."""
     dtype = loss_dtype(imgs, pred)
     target = loss_targets(imgs, patch_size, norm_pix_loss, dtype, tubelet_size)
-    loss = (pred.to(dtype) - target) ** 2
-    loss = loss.mean(dim=-1)
-    mask = mask.to(dtype)
-    return (loss * mask).sum() / mask.sum()
+    return masked_mse(pred, target, mask, dtype)
 
 
 def hog_boundaries(bins: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +190,7 @@ def hog_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
              patch_size: int) -> torch.Tensor:
     """Mean squared error to the HOG features (hog_targets, default bins and cells) on removed
     patches, in float32."""
-    target = hog_targets(imgs, patch_size)
-    mask = mask.float()
-    error = ((pred.float() - target) ** 2).mean(dim=-1)
-    return (error * mask).sum() / mask.sum()
+    return masked_mse(pred, hog_targets(imgs, patch_size), mask, torch.float32)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
