@@ -160,8 +160,9 @@ def test_tube_masking_one_frame_is_random_masking(implementation):
 
 
 @pytest.mark.parametrize("mask_type", ["block", "grid"])
-def test_model_mask_type(mask_type):
-    """The model trains with each mask sampling, kernels or reference, to the same loss."""
+def test_model_mask_type(implementation, mask_type):
+    """The model trains with each mask sampling, kernels (each implementation) or reference, to
+    the same loss."""
     config = {"img_size": 32, "patch_size": 8, "encoder_dim": 32, "encoder_layers": 1,
               "decoder_dim": 32, "decoder_layers": 1, "mask_type": mask_type}
     fused, plain = MAE(config), MAE({**config, "use_kernels": False})

@@ -17,7 +17,7 @@ SMALL = {"num_frames": 4, "img_size": 32, "patch_size": 8, "encoder_dim": 32,
          "encoder_layers": 1, "decoder_dim": 32, "decoder_layers": 1, "norm_pix_loss": True}
 
 
-def test_kernels_match_the_reference_model():
+def test_kernels_match_the_reference_model(implementation):
     fused, plain = VideoMAE(SMALL), VideoMAE({**SMALL, "use_kernels": False})
     plain.load_state_dict(fused.state_dict())
     videos = torch.randn(2, 3, 4, 32, 32)
