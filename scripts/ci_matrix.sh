@@ -14,6 +14,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${CI_MATRIX_DIR:-$(mktemp -d)}
+# A row's venv is 2-6 GB (the CUDA torch builds): each row removes its own when it ends, and a
+# folder this script made goes at exit, so repeated runs on one machine don't fill its disk.
+[ -n "${CI_MATRIX_DIR:-}" ] || trap 'rm -rf "$WORK"' EXIT
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # the toolkit's root, not a wrapper's folder
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 
@@ -64,6 +67,7 @@ print('extension', tokens.LIBRARY, 'kernels for', sorted(tokens.KERNEL_DEVICES))
 assert tokens.LIBRARY is not None and 'cpu' in tokens.KERNEL_DEVICES
 $check")
   (cd "$src" && CI=true "$py" -m pytest -q -p no:cacheprovider -x "$@")
+  rm -rf "$WORK/$name" "$WORK/$name-venv"
   echo "$name: $((SECONDS - start)) s"
 }
 
