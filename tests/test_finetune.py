@@ -154,13 +154,16 @@ def test_two_processes_under_torchrun(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "ddp" / "checkpoint-last.pth")["step"] == 2
 
 
-def test_finetuning_a_pretrained_encoder_beats_training_from_scratch(tmp_path):
-    """A short run for CI (about 4 minutes on 2 cores): a 4-block, 128-wide encoder pre-trained
-    for 20 epochs of 2048 images, then fine-tuned for 10 epochs of 1024, against the same ViT
-    from random weights (`--random-init`) with the same recipe and budget. Measured: 28.2 vs
-    19.4 top-1. At this budget a linear probe of the encoder does better (36.8): fine-tuning
-    overtakes it only with a longer run (the README's demo: 88.5 vs 61.2)."""
+def test_finetuning_beats_linear_probing_and_training_from_scratch(tmp_path):
+    """The paper's claim in a run short enough for CI (about 5 minutes on 2 cores): a 4-block,
+    128-wide encoder pre-trained for 20 epochs of 2048 images; its linear probe; the same
+    encoder fine-tuned for 12 epochs of 2048; the same ViT from random weights (`--random-init`)
+    with the same recipe and budget. All are scored on the same 1000 held-out images.
+    Measured: fine-tuned 60.6, probe 41.3, from scratch 26.5. Fine-tuning needs this many steps: at
+    10 epochs of 1024 it was still below the probe (28.2 vs 36.8), at 12 of 2048 it is far
+    above."""
     from mae.finetune import finetune
+    from mae.linprobe import linprobe
 
     config = tmp_path / "small.yaml"
     config.write_text("encoder_dim: 128\nencoder_layers: 4\ndecoder_dim: 64\n"
@@ -170,13 +173,17 @@ def test_finetuning_a_pretrained_encoder_beats_training_from_scratch(tmp_path):
                  "--blr", "5e-3", "--warmup-epochs", "1", "--norm-pix-loss", "--epochs", "20",
                  "--dataset-size", "2048", *data, "--output-dir", str(tmp_path / "pre")]) == 0
     encoder = str(tmp_path / "pre" / "checkpoint-last.pth")
-    tune = ["finetune", "--finetune", encoder, "--epochs", "10", "--warmup-epochs", "1",
-            "--batch-size", "32", "--dataset-size", "1024", "--val-size", "500", *data]
+    probed = linprobe(parse_args(["linprobe", "--checkpoint", encoder, "--epochs", "60",
+                                  "--train-size", "2048", "--val-size", "1000", "--quiet",
+                                  "--device", "cpu"]))["top1"]
+    tune = ["finetune", "--finetune", encoder, "--epochs", "12", "--warmup-epochs", "1",
+            "--batch-size", "32", "--dataset-size", "2048", "--val-size", "1000", *data]
     tuned = finetune(parse_args([*tune, "--output-dir", str(tmp_path / "ft")]))["val_top1"]
     scratch = finetune(parse_args([*tune, "--random-init",
                                    "--output-dir", str(tmp_path / "scratch")]))["val_top1"]
-    print(f"top-1: fine-tuned {tuned:.1f}, from scratch {scratch:.1f}")
-    assert tuned > scratch + 5, (tuned, scratch)
+    print(f"top-1: fine-tuned {tuned:.1f}, linear probe {probed:.1f}, from scratch {scratch:.1f}")
+    assert tuned > probed + 10, (tuned, probed)
+    assert tuned > scratch + 10, (tuned, scratch)
 
 
 def test_random_init_keeps_the_architecture_and_drops_the_weights(tmp_path, monkeypatch):
