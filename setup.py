@@ -69,8 +69,8 @@ setup(
         "safetensors",  # mae export
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "scikit-learn",
-                 "scikit-image"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers",
+                 "scikit-learn", "scikit-image"],
         # timm needs torchvision; install the torchvision of your torch first (torch 2.14.1:
         # torchvision 0.29.1) so pip does not replace torch.
         # Pillow 13 rejects posterize(bits=0), which timm's RandAugment ("rand-m9-mstd0.5-inc1")

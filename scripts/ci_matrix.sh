@@ -66,7 +66,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
 print('extension', tokens.LIBRARY, 'kernels for', sorted(tokens.KERNEL_DEVICES))
 assert tokens.LIBRARY is not None and 'cpu' in tokens.KERNEL_DEVICES
 $check")
-  (cd "$src" && CI=true "$py" -m pytest -q -p no:cacheprovider -x "$@")
+  (cd "$src" && CI=true "$py" -m pytest -q -p no:cacheprovider -x -n 2 "$@")
   rm -rf "$WORK/$name" "$WORK/$name-venv"
   echo "$name: $((SECONDS - start)) s"
 }
