@@ -147,7 +147,8 @@ class VideoMAE(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         tubelet = (self.tubelet_size, self.patch_size, self.patch_size)
-        return reference.unpatchify3d(x, tubelet, self.grid_size, self.in_chans)
+        ops = mae_kernels if self.use_kernels else reference
+        return ops.unpatchify3d(x, tubelet, self.grid_size, self.in_chans)
 
     def forward(self, videos: torch.Tensor, mask_ratio: float | None = None,
                 noise=None) -> Output:
