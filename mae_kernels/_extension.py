@@ -12,6 +12,9 @@ before loading it:
    an isolated environment that cannot see the installed torch, so it ships the sources only);
 3. if neither works (no compiler), plain PyTorch, with one warning.
 
+The sources live in csrc/ at the repository root (an editable install reads them there); a wheel
+or sdist install carries a copy inside the package (setup.py's build_py), which is read first.
+
 MAE_KERNELS_NO_CUDA=1 leaves the CUDA kernels out of a build; MAE_KERNELS_NO_EXTENSION=1 skips
 the extension altogether (plain PyTorch).
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -26,7 +31,14 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).with_name("csrc")
+
+def _find_sources() -> Path:
+    """The package's copy of the C++ sources (wheels, sdists), else the repository's csrc/."""
+    package = Path(__file__).with_name("csrc")
+    return package if (package / "ops.cpp").is_file() else Path(__file__).parents[1] / "csrc"
+
+
+CSRC = _find_sources()
 CPU_SOURCES = ["ops.cpp"]
 CUDA_SOURCES = ["cuda/tokens_cuda.cpp", "cuda/tokens_kernels.cu"]
 _TAG = re.compile(rb"mae_kernels build: ([^;\0]*);")
@@ -57,6 +69,62 @@ def want_cuda() -> bool:
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     return True
+
+
+def cuda_problem() -> str | None:
+    """Why a CUDA build would fail here, with the fix; None when nothing is known to be wrong.
+    The usual cause: CUDA_HOME unset and the nvcc on PATH a wrapper outside the toolkit, from
+    which torch guesses a CUDA_HOME that has no headers (`cuda_runtime.h` not found)."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        return None
+    on_path = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        origin = "set in the environment"
+    elif on_path:
+        origin = f"CUDA_HOME is unset, so torch guessed it from the nvcc on PATH, {on_path}"
+    else:
+        origin = "CUDA_HOME is unset and no nvcc is on PATH: torch's default"
+    nvcc = Path(home) / "bin" / "nvcc"
+    not_root = f"CUDA_HOME={home} ({origin}) is not a CUDA toolkit's root"
+    if not (Path(home) / "include" / "cuda_runtime.h").is_file():
+        cause = f"{home}/include/cuda_runtime.h does not exist: {not_root}"
+    elif not nvcc.is_file():
+        cause = f"{nvcc} does not exist: {not_root}"
+    else:
+        try:
+            out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            out = f"{type(exc).__name__}: {exc}"
+        release = re.search(r"release (\d+)\.(\d+)", out)
+        if release is None:
+            cause = f"{nvcc} --version does not say its CUDA release ({out.strip()[-200:]!r})"
+        elif torch.version.cuda and release.group(1) != torch.version.cuda.split(".")[0]:
+            cause = (f"{nvcc} is CUDA {release.group(1)}.{release.group(2)}, torch was built "
+                     f"with CUDA {torch.version.cuda}")
+        else:
+            return None
+    return f"{cause}. Fix: {cuda_fix()}"
+
+
+def cuda_fix() -> str:
+    """What to do about a CUDA build that fails."""
+    toolkit = "/usr/local/cuda" if Path("/usr/local/cuda/include/cuda_runtime.h").is_file() \
+        else "/path/to/cuda"
+    return (f"export CUDA_HOME={toolkit} (the root of a CUDA toolkit matching torch's CUDA "
+            f"{torch.version.cuda}), or MAE_KERNELS_NO_CUDA=1 to build the CPU kernels only")
+
+
+def first_error(exc: BaseException) -> str:
+    """The line of a failed build's output that says what went wrong (a compiler's output ends
+    with ninja's "build stopped", which does not)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE)
+              and not line.startswith("Error building extension")]
+    return next(iter(errors), lines[-1] if lines else repr(exc))
 
 
 def built_for(path: Path) -> str | None:
@@ -108,20 +176,26 @@ def load_extension() -> Path | None:
         print(f"mae_kernels: {prebuilt.name} was built for torch {tag}, this is torch "
               f"{torch_build_id()}: not loading it", file=sys.stderr, flush=True)
     cuda = want_cuda()
+    problem = cuda_problem() if cuda else None
+    if problem:  # a build known to fail would cost a minute to say less
+        print(f"mae_kernels: not building the CUDA kernels: {problem}; building the CPU kernels "
+              "only", file=sys.stderr, flush=True)
+        cuda = False
     try:
         try:
             path = _compile_on_import(cuda)
         except Exception as exc:
             if not cuda:
                 raise
-            # e.g. an nvcc that does not match torch's CUDA: the CPU kernels still help
-            print(f"mae_kernels: the CUDA build failed ({type(exc).__name__}); building the CPU "
-                  "kernels only", file=sys.stderr, flush=True)
+            # the CPU kernels still help
+            print(f"mae_kernels: the CUDA build failed ({type(exc).__name__}: "
+                  f"{first_error(exc)}). Fix: {cuda_fix()}. Building the CPU kernels only",
+                  file=sys.stderr, flush=True)
             path = _compile_on_import(cuda=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: say so, keep working
         warnings.warn(
             f"mae_kernels: the C++ extension could not be built ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); "
+            f"{first_error(exc)}); "
             "gather_tokens/scatter_tokens run plain PyTorch. Build it with: "
             "pip install --no-build-isolation -e .",
             RuntimeWarning,

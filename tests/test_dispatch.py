@@ -31,6 +31,7 @@ def _package_copy(tmp_path: Path) -> Path:
     root = tmp_path / "src"
     shutil.copytree(ROOT / "mae_kernels", root / "mae_kernels",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(ROOT / "csrc", root / "csrc")  # beside the package, as in a checkout
     return root
 
 
