@@ -7,6 +7,7 @@ function); `reference` holds the plain-PyTorch semantics they are tested against
 """
 from . import reference
 from ._checks import skip_index_checks
+from .augment import random_resized_crop_boxes, resized_crop, step_generator
 from .hog import hog_targets
 from .loss import mae_loss
 from .masking import block_masking, grid_masking, random_masking, tube_masking
@@ -25,9 +26,12 @@ __all__ = [
     "patchify",
     "patchify3d",
     "random_masking",
+    "random_resized_crop_boxes",
     "reference",
+    "resized_crop",
     "scatter_tokens",
     "skip_index_checks",
+    "step_generator",
     "tube_masking",
     "unpatchify",
     "unpatchify3d",

@@ -1,11 +1,17 @@
 """mae_loss: the official `forward_loss` (optionally norm-pix) as one op, accumulated in float32
-(float64 for float64 inputs); for videos (B, C, T, H, W) over tubelets (t, p, p), the targets
-laid out as `patchify3d` lays them out. An image is a one-frame video with tubelet 1.
+(float64 for float64 inputs); for videos (B, C, T, H, W) VideoMAE's loss over tubelets (t, p, p),
+the targets laid out as `patchify3d` lays them out. An image is a one-frame video with tubelet 1
+and MAE's target rule; a video has VideoMAE's (`videomae`: per channel within each tubelet, the
+data's normalisation `unnormalize` (2, C) = (mean, std) undone first).
+
+Every path reads the removed patches only (mask != 0): a NaN or inf in a kept patch of `pred`
+(or of the images) does not reach the loss or its gradient, so a non-finite loss means the
+same on every device. The official code multiplies by the mask and would return NaN there.
 
 Triton (CUDA): reads the image directly (no patchify tensor), normalises each removed patch on
-the fly (mean, unbiased variance), reads `pred` only where the mask is non-zero and reduces per
-program; the backward recomputes the targets and writes grad_pred in one pass.
-CPU: the reference forward, and its gradient in closed form.
+the fly, reads `pred` only where the mask is non-zero and reduces per program; the backward
+recomputes the targets and writes grad_pred in one pass.
+CPU: the reference's targets, the errors of the removed patches, the gradient in closed form.
 """
 from __future__ import annotations
 
@@ -19,10 +25,10 @@ MAX_PATCH_ELEMENTS = 16384
 
 
 @triton.jit
-def _patch_errors(imgs_ptr, pred_ptr, mask_ptr, pid, n_patches, L, frame_tokens, grid_w,
-                  s_ib, s_ic, s_it, s_ih, s_iw, E, C, p, tubelet,
-                  NORM: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_E: tl.constexpr):
+def _patch_errors(imgs_ptr, pred_ptr, mask_ptr, affine_ptr, pid, n_patches, L, frame_tokens,
+                  grid_w, s_ib, s_ic, s_it, s_ih, s_iw, E, C, p, tubelet, NORM: tl.constexpr,
+                  VIDEOMAE: tl.constexpr, UNNORM: tl.constexpr, F64: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     """(pred - target) for BLOCK_N patches, with their mask weights; zero where the weight is 0."""
     acc_type = tl.float64 if F64 else tl.float32
     n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,38 +45,66 @@ def _patch_errors(imgs_ptr, pred_ptr, mask_ptr, pid, n_patches, L, frame_tokens,
     pixel = (b * s_ib + (f * tubelet) * s_it + (i * p) * s_ih + (j * p) * s_iw)[:, None] \
         + (ch * s_ic + dt * s_it + r * s_ih + c * s_iw)[None, :]
     target = tl.load(imgs_ptr + pixel, mask=tile, other=0.0).to(acc_type)
+    if UNNORM:  # x * std + mean per channel: the pixels before the loader normalised them
+        scale = tl.load(affine_ptr + C + ch, mask=valid_e, other=0.0).to(acc_type)
+        shift = tl.load(affine_ptr + ch, mask=valid_e, other=0.0).to(acc_type)
+        target = tl.where(tile, target * scale[None, :] + shift[None, :], 0.0)
     if NORM:
-        mean = tl.sum(target, axis=1) / E
-        centred = tl.where(tile, target - mean[:, None], 0.0)
-        var = tl.sum(centred * centred, axis=1) / (E - 1)
-        target = centred / tl.sqrt(var + 1.0e-6)[:, None]
+        if VIDEOMAE:  # per channel: E // C values each, std + eps
+            per_channel = E // C
+            # NOTE: `while`, not range(C): triton 3.6's interpreter turns range of a scalar
+            # argument (a 1-element array there) into int(), which NumPy >= 2.3 rejects
+            mean = tl.zeros((BLOCK_N, BLOCK_E), acc_type)
+            k = 0
+            while k < C:
+                sel = ch[None, :] == k
+                m = tl.sum(tl.where(sel, target, 0.0), axis=1) / per_channel
+                mean = tl.where(sel, m[:, None], mean)
+                k += 1
+            centred = tl.where(tile, target - mean, 0.0)
+            std = tl.full((BLOCK_N, BLOCK_E), 1.0, acc_type)
+            k = 0
+            while k < C:
+                sel = ch[None, :] == k
+                var = tl.sum(tl.where(sel, centred * centred, 0.0), axis=1) / (per_channel - 1)
+                std = tl.where(sel, (tl.sqrt(var) + 1.0e-6)[:, None], std)
+                k += 1
+            target = centred / std
+        else:  # per patch, eps inside the root
+            mean = tl.sum(target, axis=1) / E
+            centred = tl.where(tile, target - mean[:, None], 0.0)
+            var = tl.sum(centred * centred, axis=1) / (E - 1)
+            target = centred / tl.sqrt(var + 1.0e-6)[:, None]
     pred = tl.load(pred_ptr + n[:, None] * E + e[None, :], mask=tile, other=0.0).to(acc_type)
     return tl.where(tile, pred - target, 0.0), weight, n, e, valid_e
 
 
 @triton.jit
-def _loss_forward_kernel(imgs_ptr, pred_ptr, mask_ptr, num_ptr, den_ptr, n_patches, L,
-                         frame_tokens, grid_w, s_ib, s_ic, s_it, s_ih, s_iw, E, C, p, tubelet,
-                         NORM: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_E: tl.constexpr):
+def _loss_forward_kernel(imgs_ptr, pred_ptr, mask_ptr, affine_ptr, num_ptr, den_ptr, n_patches,
+                         L, frame_tokens, grid_w, s_ib, s_ic, s_it, s_ih, s_iw, E, C, p, tubelet,
+                         NORM: tl.constexpr, VIDEOMAE: tl.constexpr, UNNORM: tl.constexpr,
+                         F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
-    diff, weight, _, _, _ = _patch_errors(imgs_ptr, pred_ptr, mask_ptr, pid, n_patches, L,
-                                          frame_tokens, grid_w, s_ib, s_ic, s_it, s_ih, s_iw,
-                                          E, C, p, tubelet, NORM, F64, BLOCK_N, BLOCK_E)
+    diff, weight, _, _, _ = _patch_errors(imgs_ptr, pred_ptr, mask_ptr, affine_ptr, pid,
+                                          n_patches, L, frame_tokens, grid_w, s_ib, s_ic, s_it,
+                                          s_ih, s_iw, E, C, p, tubelet, NORM, VIDEOMAE, UNNORM,
+                                          F64, BLOCK_N, BLOCK_E)
     per_patch = tl.sum(diff * diff, axis=1) / E
     tl.store(num_ptr + pid, tl.sum(per_patch * weight, axis=0))
     tl.store(den_ptr + pid, tl.sum(weight, axis=0))
 
 
 @triton.jit
-def _loss_backward_kernel(imgs_ptr, pred_ptr, mask_ptr, scale_ptr, grad_pred_ptr, n_patches, L,
-                          frame_tokens, grid_w, s_ib, s_ic, s_it, s_ih, s_iw, E, C, p, tubelet,
-                          NORM: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr,
+def _loss_backward_kernel(imgs_ptr, pred_ptr, mask_ptr, affine_ptr, scale_ptr, grad_pred_ptr,
+                          n_patches, L, frame_tokens, grid_w, s_ib, s_ic, s_it, s_ih, s_iw, E, C,
+                          p, tubelet, NORM: tl.constexpr, VIDEOMAE: tl.constexpr,
+                          UNNORM: tl.constexpr, F64: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_E: tl.constexpr):
-    diff, weight, n, e, valid_e = _patch_errors(imgs_ptr, pred_ptr, mask_ptr, tl.program_id(0),
-                                                n_patches, L, frame_tokens, grid_w, s_ib, s_ic,
-                                                s_it, s_ih, s_iw, E, C, p, tubelet, NORM, F64,
-                                                BLOCK_N, BLOCK_E)
+    diff, weight, n, e, valid_e = _patch_errors(imgs_ptr, pred_ptr, mask_ptr, affine_ptr,
+                                                tl.program_id(0), n_patches, L, frame_tokens,
+                                                grid_w, s_ib, s_ic, s_it, s_ih, s_iw, E, C, p,
+                                                tubelet, NORM, VIDEOMAE, UNNORM, F64, BLOCK_N,
+                                                BLOCK_E)
     scale = tl.load(scale_ptr)  # grad_out * 2 / (E * mask.sum())
     grad = diff * (weight * scale)[:, None]
     tl.store(grad_pred_ptr + n[:, None] * E + e[None, :], grad.to(grad_pred_ptr.dtype.element_ty),
@@ -85,36 +119,68 @@ def _blocks(pred: torch.Tensor) -> tuple[int, int, int]:
     return block_n, block_e, triton.cdiv(n_patches, block_n)
 
 
-def _launch(kernel, videos, pred, mask, tubelet, patch_size, norm_pix_loss, *outputs):
+def _launch(kernel, videos, pred, mask, tubelet, patch_size, norm_pix_loss, videomae,
+            unnormalize, *outputs):
     block_n, block_e, programs = _blocks(pred)
     if programs == 0:
         return
     B, C, T, H, W = videos.shape
     L, E = pred.shape[1], pred.shape[2]
-    f64 = reference.loss_dtype(videos, pred) == torch.float64
+    dtype = reference.loss_dtype(videos, pred)
+    # without un-normalising the kernel never reads `affine`: any pointer will do
+    affine = mask if unnormalize is None else unnormalize.to(dtype).contiguous()
     with torch.cuda.device_of(pred):
         wrap_triton(kernel)[(programs,)](
-            videos, pred, mask, *outputs, B * L, L, (H // patch_size) * (W // patch_size),
-            W // patch_size, *videos.stride(), E, C, patch_size, tubelet, NORM=norm_pix_loss,
-            F64=f64, BLOCK_N=block_n, BLOCK_E=block_e,
+            videos, pred, mask, affine, *outputs, B * L, L,
+            (H // patch_size) * (W // patch_size), W // patch_size, *videos.stride(), E, C,
+            patch_size, tubelet, NORM=norm_pix_loss, VIDEOMAE=videomae,
+            UNNORM=unnormalize is not None, F64=dtype == torch.float64, BLOCK_N=block_n,
+            BLOCK_E=block_e,
         )
 
 
+def _removed_errors(videos, pred, mask, tubelet, patch_size, norm_pix_loss, videomae,
+                    unnormalize):
+    """(pred - target on the removed patches, zero on the kept ones; mask; accumulation dtype).
+    The kept patches are never read, as in the Triton kernel."""
+    dtype = reference.loss_dtype(videos, pred)
+    mean, std = (None, None) if unnormalize is None else unnormalize
+    target = reference.videomae_targets(videos, tubelet, patch_size, norm_pix_loss and videomae,
+                                        dtype, mean, std)
+    if norm_pix_loss and not videomae:  # MAE's rule over (one-frame) tubelets
+        target = reference.norm_pix(target)
+    return _removed_diff(pred, target, mask, dtype), mask.to(dtype), dtype
+
+
+def _removed_diff(pred, target, mask, dtype):
+    return torch.where((mask != 0).unsqueeze(-1), pred.to(dtype) - target, 0.0)
+
+
+def _mean_squared(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The MAE reduction: the mean over each patch, then the mask-weighted mean of patches."""
+    return ((diff * diff).mean(dim=-1) * mask).sum() / mask.sum()
+
+
 def _mae_loss_torch(videos: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, tubelet: int,
-                    patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
-    return reference.mae_loss(videos, pred, mask, patch_size, norm_pix_loss, tubelet)
+                    patch_size: int, norm_pix_loss: bool, videomae: bool = False,
+                    unnormalize: torch.Tensor | None = None) -> torch.Tensor:
+    diff, mask, _ = _removed_errors(videos, pred, mask, tubelet, patch_size, norm_pix_loss,
+                                    videomae, unnormalize)
+    return _mean_squared(diff, mask)
 
 
 def _mae_loss_triton(videos: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, tubelet: int,
-                     patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+                     patch_size: int, norm_pix_loss: bool, videomae: bool = False,
+                     unnormalize: torch.Tensor | None = None) -> torch.Tensor:
     if triton.next_power_of_2(pred.shape[-1]) > MAX_PATCH_ELEMENTS:
-        return _mae_loss_torch(videos, pred, mask, tubelet, patch_size, norm_pix_loss)
+        return _mae_loss_torch(videos, pred, mask, tubelet, patch_size, norm_pix_loss, videomae,
+                               unnormalize)
     pred, mask = pred.contiguous(), mask.contiguous()
     programs = _blocks(pred)[2]
     acc = dict(dtype=reference.loss_dtype(videos, pred), device=pred.device)
     num, den = torch.zeros(programs, **acc), torch.zeros(programs, **acc)
-    _launch(_loss_forward_kernel, videos, pred, mask, tubelet, patch_size, norm_pix_loss, num,
-            den)
+    _launch(_loss_forward_kernel, videos, pred, mask, tubelet, patch_size, norm_pix_loss,
+            videomae, unnormalize, num, den)
     return num.sum() / den.sum()
 
 
@@ -123,28 +189,28 @@ mae_loss_op = device_op("mae_loss", _mae_loss_triton, _mae_loss_torch)
 
 def _mae_loss_backward_torch(grad: torch.Tensor, videos: torch.Tensor, pred: torch.Tensor,
                              mask: torch.Tensor, tubelet: int, patch_size: int,
-                             norm_pix_loss: bool) -> torch.Tensor:
+                             norm_pix_loss: bool, videomae: bool = False,
+                             unnormalize: torch.Tensor | None = None) -> torch.Tensor:
     """d loss / d pred, in pred's dtype and layout (contiguous); zeros on kept patches."""
-    dtype = reference.loss_dtype(videos, pred)
-    target = reference.loss_targets(videos, patch_size, norm_pix_loss, dtype, tubelet)
-    mask = mask.to(dtype)
+    diff, mask, dtype = _removed_errors(videos, pred, mask, tubelet, patch_size, norm_pix_loss,
+                                        videomae, unnormalize)
     scale = grad.to(dtype) * 2.0 / (mask.sum() * pred.shape[-1])
-    grad_pred = (pred.to(dtype) - target) * (mask * scale).unsqueeze(-1)
-    return grad_pred.to(pred.dtype).contiguous()
+    return (diff * (mask * scale).unsqueeze(-1)).to(pred.dtype).contiguous()
 
 
 def _mae_loss_backward_triton(grad: torch.Tensor, videos: torch.Tensor, pred: torch.Tensor,
                               mask: torch.Tensor, tubelet: int, patch_size: int,
-                              norm_pix_loss: bool) -> torch.Tensor:
+                              norm_pix_loss: bool, videomae: bool = False,
+                              unnormalize: torch.Tensor | None = None) -> torch.Tensor:
     if triton.next_power_of_2(pred.shape[-1]) > MAX_PATCH_ELEMENTS:
         return _mae_loss_backward_torch(grad, videos, pred, mask, tubelet, patch_size,
-                                        norm_pix_loss)
+                                        norm_pix_loss, videomae, unnormalize)
     pred, mask = pred.contiguous(), mask.contiguous()
     dtype = reference.loss_dtype(videos, pred)
     grad_pred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     scale = (grad.to(dtype) * 2.0 / (mask.to(dtype).sum() * pred.shape[-1])).reshape(1)
-    _launch(_loss_backward_kernel, videos, pred, mask, tubelet, patch_size, norm_pix_loss, scale,
-            grad_pred)
+    _launch(_loss_backward_kernel, videos, pred, mask, tubelet, patch_size, norm_pix_loss,
+            videomae, unnormalize, scale, grad_pred)
     return grad_pred
 
 
@@ -153,15 +219,15 @@ mae_loss_backward_op = device_op("mae_loss_backward", _mae_loss_backward_triton,
 
 
 def _setup(ctx, inputs, output):
-    videos, pred, mask, tubelet, patch_size, norm_pix_loss = inputs
-    ctx.save_for_backward(videos, pred, mask)
-    ctx.geometry = (tubelet, patch_size, norm_pix_loss)
+    videos, pred, mask, tubelet, patch_size, norm_pix_loss, videomae, unnormalize = inputs
+    ctx.save_for_backward(videos, pred, mask, unnormalize)
+    ctx.geometry = (tubelet, patch_size, norm_pix_loss, videomae)
 
 
 def _backward(ctx, grad):
-    videos, pred, mask = ctx.saved_tensors
-    grad_pred = mae_loss_backward_op(grad, videos, pred, mask, *ctx.geometry)
-    return None, grad_pred, None, None, None, None
+    videos, pred, mask, unnormalize = ctx.saved_tensors
+    grad_pred = mae_loss_backward_op(grad, videos, pred, mask, *ctx.geometry, unnormalize)
+    return None, grad_pred, None, None, None, None, None, None
 
 
 mae_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -170,25 +236,63 @@ mae_loss_op.register_autograd(_backward, setup_context=_setup)
 TARGETS = ("pixel", "norm_pix", "hog")
 
 
+def _per_channel(imgs: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor | None:
+    """`mean` and `std` as the op's (2, C) `unnormalize`, checked; None when not given."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise ValueError(f"mean and std come together (the data's normalisation), got only "
+                         f"{'mean' if std is None else 'std'}")
+    if imgs.dim() != 5:
+        raise ValueError("mean and std un-normalise video targets, as VideoMAE does; image MAE's "
+                         f"targets are the images as given (imgs has shape {tuple(imgs.shape)})")
+    C = imgs.shape[1]
+    rows = []
+    for name, value in (("mean", mean), ("std", std)):
+        try:
+            row = torch.as_tensor(value, dtype=dtype, device=imgs.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be {C} numbers (one per channel) or a tensor, got "
+                            f"{type(value).__name__}") from exc
+        if tuple(row.shape) != (C,):
+            raise ValueError(f"{name} must hold one value per channel ({C}), got shape "
+                             f"{tuple(row.shape)}")
+        rows.append(row)
+    return torch.stack(rows)
+
+
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-             norm_pix_loss: bool = True, tubelet_size: int = 1,
-             target: str | None = None) -> torch.Tensor:
+             norm_pix_loss: bool | None = None, tubelet_size: int = 1,
+             target: str | None = None, *, mean=None, std=None) -> torch.Tensor:
     """The official `forward_loss`: mean squared error per patch, averaged over removed patches.
 
-    imgs (B, C, H, W), pred (B, L, p*p*C), mask (B, L) with 1 = removed. For videos, imgs is
-    (B, C, T, H, W) and each patch a tubelet of `tubelet_size` frames (pred (B, L, t*p*p*C),
-    tokens as `patchify3d` orders them). With `norm_pix_loss` each target patch is normalised
-    by its mean and unbiased variance. `target` "pixel" / "norm_pix" says the same explicitly;
-    "hog" compares pred (B, L, C * (p/8)^2 * 9) with `hog_targets` of the removed patches
-    (only those are computed; images only). Returns a float32 scalar (float64 for float64
-    inputs); the gradient flows to `pred`.
+    imgs (B, C, H, W), pred (B, L, p*p*C), mask (B, L) with 1 = removed. With `norm_pix_loss`
+    (default True) each target patch is normalised by its mean and unbiased variance, eps
+    inside the root (MAE). For videos, imgs is (B, C, T, H, W) and each patch a tubelet of
+    `tubelet_size` frames (pred (B, L, t*p*p*C), tokens as `patchify3d` orders them), and the
+    target is VideoMAE's: the video un-normalised by the data's per-channel `mean` and `std`
+    (VideoMAE: ImageNet's; None: taken as it is), with `norm_pix_loss` (its `normlize_target`)
+    each channel of a tubelet normalised by its mean and unbiased std, `(x - mean) / (std +
+    1e-6)`. `target` "pixel" / "norm_pix" says the same explicitly; "hog" compares pred (B, L,
+    C * 9 * (p/8)^2) with MaskFeat's `hog_targets` of the removed patches (only those are
+    computed; images only, no norm_pix_loss, tubelet_size, mean or std).
+
+    Only removed patches are read: unlike the official code (which multiplies by the mask), a
+    NaN in a kept patch of `pred` does not reach the loss. Returns a float32 scalar (float64 for
+    float64 inputs); the gradient flows to `pred`.
     """
+    if norm_pix_loss is not None and not isinstance(norm_pix_loss, bool):
+        raise TypeError(f"norm_pix_loss must be a bool, got {type(norm_pix_loss).__name__}")
     if target is not None:
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if target == "hog":
+            _not_for_hog(norm_pix_loss, tubelet_size, mean, std)
             return _hog_loss(imgs, pred, mask, patch_size)
+        if norm_pix_loss is not None and norm_pix_loss != (target == "norm_pix"):
+            raise ValueError(f"norm_pix_loss={norm_pix_loss} contradicts target={target!r}")
         norm_pix_loss = target == "norm_pix"
+    norm_pix_loss = True if norm_pix_loss is None else norm_pix_loss
     _checks.tensor("imgs", imgs, floating=True)
     if imgs.dim() not in (4, 5):
         raise ValueError(f"imgs must be images (B, C, H, W) or videos (B, C, T, H, W), got shape "
@@ -197,8 +301,6 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
     _checks.tensor("mask", mask, 2)
     if mask.dtype.is_complex:
         raise TypeError(f"mask must be a real tensor, got {mask.dtype}")
-    if not isinstance(norm_pix_loss, bool):
-        raise TypeError(f"norm_pix_loss must be a bool, got {type(norm_pix_loss).__name__}")
     _checks.same_device(imgs=imgs, pred=pred, mask=mask)
     _checks.integer("tubelet_size", tubelet_size, 1)
     videos = imgs if imgs.dim() == 5 else imgs.unsqueeze(2)
@@ -214,9 +316,23 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
         raise ValueError(f"pred must have shape {expected} for these imgs, got {tuple(pred.shape)}")
     if tuple(mask.shape) != expected[:2]:
         raise ValueError(f"mask must have shape {expected[:2]}, got {tuple(mask.shape)}")
+    unnormalize = _per_channel(imgs, mean, std, reference.loss_dtype(imgs, pred))
     if USE_REFERENCE:
-        return reference.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss, tubelet_size)
-    return mae_loss_op(videos, pred, mask, tubelet_size, patch_size, norm_pix_loss)
+        return reference.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss, tubelet_size,
+                                  *((None, None) if unnormalize is None else unnormalize))
+    return mae_loss_op(videos, pred, mask, tubelet_size, patch_size, norm_pix_loss,
+                       imgs.dim() == 5, unnormalize)
+
+
+def _not_for_hog(norm_pix_loss, tubelet_size, mean, std) -> None:
+    """HOG targets are MaskFeat's, of images: the pixel-target arguments would be ignored."""
+    given = [name for name, unused in (("norm_pix_loss", norm_pix_loss is not None),
+                                       ("tubelet_size", tubelet_size != 1),
+                                       ("mean", mean is not None), ("std", std is not None))
+             if unused]
+    if given:
+        raise ValueError(f"target='hog' (MaskFeat's HOG of images) takes no "
+                         f"{', '.join(given)}: it would be ignored")
 
 
 def _hog_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
@@ -230,4 +346,5 @@ def _hog_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
     if pred.shape != target.shape:
         raise ValueError(f"pred must have shape {tuple(target.shape)} for HOG targets of these "
                          f"imgs, got {tuple(pred.shape)}")
-    return reference.masked_mse(pred, target, mask, torch.promote_types(torch.float32, pred.dtype))
+    dtype = torch.promote_types(torch.float32, pred.dtype)
+    return _mean_squared(_removed_diff(pred, target, mask, dtype), mask.to(dtype))

@@ -12,14 +12,19 @@ writes and gather for every one of `frames` frames. The strategies differ only i
 The op also returns `ids_keep` (the kept positions, in keep order); its backward scatters the
 gradient back through it with the extension's `scatter_tokens`, without a second sort.
 
-Triton (CUDA): one kernel sorts each row's keys, writes ids_restore / mask / ids_keep and gathers
-the kept tokens straight from x. Each program sorts one row and gathers one slice of D (up to
-COLUMNS_PER_PROGRAM columns, in tiles of BLOCK_D), so the grid fills the GPU while each sort is
-amortised over a few hundred columns. Keys pack the order-preserving bits of the float32 noise
-above the token index, so one unsigned sort is stable and orders negatives, zeros and NaN (last)
-as torch.argsort does. Rows longer than MAX_FUSED_L, or noise whose order float32 cannot hold
-(float64, integers), sort with torch.sort and gather with the extension.
+Triton (CUDA): two kernels. `_masking_kernel` (one program per sample) sorts the row's keys and
+writes ids_restore / mask / ids_keep for every frame; `_gather_kept_kernel` then copies the kept
+rows, in tiles sized by the kept count (not by S) and slices of D (up to COLUMNS_PER_PROGRAM
+columns, in tiles of BLOCK_D), so each sort runs once per sample and the copy fills the GPU.
+Keys pack the order-preserving bits of the float32 noise above the token index, so one unsigned
+sort is stable and orders negatives, zeros and NaN (last) as torch.argsort does. Rows longer than
+MAX_FUSED_L, or noise whose order float32 cannot hold (float64, integers), sort with torch.sort
+and gather with the extension.
 CPU: torch.sort, then the extension's gather.
+
+Kept counts: image MAE keeps `int(L * (1 - mask_ratio))` (`keep_count`, the MAE code); VideoMAE's
+tube masking keeps `S - int(S * mask_ratio)` per frame (`tube_keep_count`, its
+TubeMaskingGenerator): 20 of 196 at 90%, where the MAE rule gives 19.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from ._library import USE_REFERENCE, device_op, tl, triton, wrap_triton
 from .tokens import gather_op, scatter_op
 
 MAX_FUSED_L = 4096
-TILE_ELEMENTS = 8192  # (padded S) x BLOCK_D values gathered per tile
+TILE_ELEMENTS = 8192  # BLOCK_R x BLOCK_D values gathered per tile
+TILE_ROWS = 64  # kept rows per gather program, at most
 COLUMNS_PER_PROGRAM = 256
 RANDOM, BLOCK, GRID = 0, 1, 2  # the strategies; tube is RANDOM over several frames
 
@@ -56,7 +62,10 @@ def _block_mask(draws_ptr, attempts, pos, in_row, grid_h, grid_w, num_mask, min_
     col = pos % grid_w
     blocked = pos < 0
     count = num_mask * 0
-    for attempt in range(attempts):
+    attempt = 0
+    # Once num_mask tokens are covered every later attempt draws area 0 and is rejected, so
+    # stopping there gives the reference's cover (which makes all of them).
+    while (attempt < attempts) & (count < num_mask):
         u_area = tl.load(draws_ptr + attempt * 4)
         aspect = tl.load(draws_ptr + attempt * 4 + 1)
         u_top = tl.load(draws_ptr + attempt * 4 + 2)
@@ -78,17 +87,16 @@ def _block_mask(draws_ptr, attempts, pos, in_row, grid_h, grid_w, num_mask, min_
                   & (new <= remaining))
         blocked = blocked | (inside & accept)
         count += tl.where(accept, new, 0)
+        attempt += 1
     return blocked
 
 
 @triton.jit
-def _masking_kernel(x_ptr, noise_ptr, draws_ptr, offsets_ptr, out_ptr, mask_ptr,
-                    ids_restore_ptr, ids_keep_ptr, S, K, D, frames, grid_w, attempts,
-                    num_mask, param, stride_xb, stride_xl, stride_nb,
-                    STRATEGY: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                    D_TILES: tl.constexpr):
+def _masking_kernel(noise_ptr, draws_ptr, offsets_ptr, mask_ptr, ids_restore_ptr, ids_keep_ptr,
+                    S, K, frames, grid_w, attempts, num_mask, param, stride_nb,
+                    STRATEGY: tl.constexpr, BLOCK_L: tl.constexpr):
+    """One sample's order: sort its keys, write ids_restore, mask and ids_keep of every frame."""
     b = tl.program_id(0).to(tl.int64)
-    d_block = tl.program_id(1)
     pos = tl.arange(0, BLOCK_L)
     in_row = pos < S
     index = pos.to(tl.uint64)  # the low bits of every key: a stable sort
@@ -111,24 +119,34 @@ def _masking_kernel(x_ptr, noise_ptr, draws_ptr, offsets_ptr, out_ptr, mask_ptr,
     ids_shuffle = (tl.sort(keys) & 0x7FFFFFFF).to(tl.int64)  # ids_shuffle[j]: the token of rank j
     keep = pos < K
     length = frames * S
+    # NOTE: `while`, not `for t in range(frames)`: the interpreter of triton 3.6 turns a range
+    # over a scalar argument (a 1-element array there) into int(), which NumPy >= 2.3 rejects.
+    t = 0
+    while t < frames:
+        token = t * S + ids_shuffle
+        rank = tl.where(keep, t * K + pos, frames * K + t * (S - K) + pos - K)
+        tl.store(ids_restore_ptr + b * length + token, rank.to(tl.int64), mask=in_row)
+        tl.store(mask_ptr + b * length + token, (pos >= K).to(mask_ptr.dtype.element_ty),
+                 mask=in_row)
+        tl.store(ids_keep_ptr + b * frames * K + t * K + pos, token, mask=keep)
+        t += 1
 
-    if d_block == 0:
-        for t in range(frames):
-            token = t * S + ids_shuffle
-            rank = tl.where(keep, t * K + pos, frames * K + t * (S - K) + pos - K)
-            tl.store(ids_restore_ptr + b * length + token, rank.to(tl.int64), mask=in_row)
-            tl.store(mask_ptr + b * length + token, (pos >= K).to(mask_ptr.dtype.element_ty),
-                     mask=in_row)
-            tl.store(ids_keep_ptr + b * frames * K + t * K + pos, token, mask=keep)
 
-    for t in range(frames):
-        src_rows = x_ptr + b * stride_xb + (t * S + ids_shuffle)[:, None] * stride_xl
-        dst_rows = out_ptr + (b * frames * K + t * K + pos)[:, None] * D
-        for tile_index in range(D_TILES):
-            cols = (d_block * D_TILES + tile_index) * BLOCK_D + tl.arange(0, BLOCK_D)
-            tile = keep[:, None] & (cols < D)[None, :]
-            values = tl.load(src_rows + cols[None, :], mask=tile)
-            tl.store(dst_rows + cols[None, :], values, mask=tile)
+@triton.jit
+def _gather_kept_kernel(x_ptr, ids_keep_ptr, out_ptr, R, D, stride_xb, stride_xl,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr):
+    """out[b, r] = x[b, ids_keep[b, r]] for BLOCK_R of the R kept rows and one slice of D."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_rows = rows < R
+    tokens = tl.load(ids_keep_ptr + b * R + rows, mask=in_rows, other=0)
+    src_rows = x_ptr + b * stride_xb + tokens[:, None] * stride_xl
+    dst_rows = out_ptr + (b * R + rows)[:, None] * D
+    for tile_index in range(D_TILES):
+        cols = (tl.program_id(2) * D_TILES + tile_index) * BLOCK_D + tl.arange(0, BLOCK_D)
+        tile = in_rows[:, None] & (cols < D)[None, :]
+        values = tl.load(src_rows + cols[None, :], mask=tile)
+        tl.store(dst_rows + cols[None, :], values, mask=tile)
 
 
 def _spatial_order(noise, draws, offsets, S: int, len_keep: int, grid_w: int, strategy: int,
@@ -184,20 +202,31 @@ def _masking_triton(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Te
     ids_keep = torch.empty(B, kept, dtype=torch.int64, device=x.device)
     if B == 0:
         return out, mask, ids_restore, ids_keep
-    block_l = triton.next_power_of_2(S)
-    block_d = max(1, min(triton.next_power_of_2(max(D, 1)), TILE_ELEMENTS // block_l))
-    d_tiles = max(1, min(COLUMNS_PER_PROGRAM // block_d, triton.cdiv(D, block_d)))
-    grid = (B, max(1, triton.cdiv(D, block_d * d_tiles)))
     # the pointers a strategy does not read: any tensor of the launch
     noise_arg = noise if noise is not None else ids_restore
-    draws_arg = draws.contiguous() if draws is not None else out
+    draws_arg = draws.contiguous() if draws is not None else ids_restore
     offsets_arg = offsets.contiguous() if offsets is not None else ids_restore
+    block_r = min(triton.next_power_of_2(kept), TILE_ROWS)
+    block_d = max(1, min(triton.next_power_of_2(max(D, 1)), TILE_ELEMENTS // block_r))
+    d_tiles = max(1, min(COLUMNS_PER_PROGRAM // block_d, triton.cdiv(D, block_d)))
+    gather_grid = (B, triton.cdiv(kept, block_r), max(1, triton.cdiv(D, block_d * d_tiles)))
+    block_l = triton.next_power_of_2(S)
+    # NOTE registers a thread (sm_90, bf16, D = 768; tests/triton_sm90.py reports them). The
+    # former single kernel (a gather tile of next_power_of_2(S) rows, and each D-slice program
+    # sorting, and for block making every attempt, again): 95-128 at S = 196 and 1024, and 255
+    # with 280-488 B spilled at S = 4096 (triton 3.9; 3.6: 127-128, 255 + 304-376 B). Now, triton
+    # 3.9 / 3.6: the sort 32-40 / 32-40 at S = 196 (and tubes of 8 x 196), 69-92 / 72-96 at
+    # 1024, 92-104 / 88-108 at 4096 with 16 warps (with 4: 255 and 112-136 B spilled), about
+    # 8 keys a thread; the gather 40 (74 in fp32 with 8 warps; 4 warps: 168), no spills.
     with torch.cuda.device_of(x):
-        wrap_triton(_masking_kernel)[grid](
-            x, noise_arg, draws_arg, offsets_arg, out, mask, ids_restore, ids_keep, S,
-            len_keep, D, frames, grid_w, S, S - len_keep, param, x.stride(0), x.stride(1),
-            noise_arg.stride(0), STRATEGY=strategy, BLOCK_L=block_l, BLOCK_D=block_d,
-            D_TILES=d_tiles,
+        wrap_triton(_masking_kernel)[(B,)](
+            noise_arg, draws_arg, offsets_arg, mask, ids_restore, ids_keep, S, len_keep, frames,
+            grid_w, S, S - len_keep, param, noise_arg.stride(0), STRATEGY=strategy,
+            BLOCK_L=block_l, num_warps=min(16, max(4, block_l // 256)),
+        )
+        wrap_triton(_gather_kept_kernel)[gather_grid](
+            x, ids_keep, out, kept, D, x.stride(0), x.stride(1), BLOCK_R=block_r,
+            BLOCK_D=block_d, D_TILES=d_tiles, num_warps=8,
         )
     return out, mask, ids_restore, ids_keep
 
@@ -219,17 +248,30 @@ def _backward(ctx, grad_x_masked, _grad_mask, _grad_ids_restore, _grad_ids_keep)
 masking_op.register_autograd(_backward, setup_context=_setup)
 
 
-def keep_count(num_tokens: int, mask_ratio) -> int:
-    """The official `len_keep = int(L * (1 - mask_ratio))`, checked to keep at least one token."""
-    ratio = _checks.real_number("mask_ratio", mask_ratio)
-    if not 0.0 <= ratio < 1.0:
+def _check_ratio(mask_ratio) -> None:
+    if not 0.0 <= _checks.real_number("mask_ratio", mask_ratio) < 1.0:
         raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
-    len_keep = int(num_tokens * (1 - mask_ratio))  # in the caller's number type, as the official
+
+
+def _at_least_one(len_keep: int, num_tokens: int, mask_ratio, rule: str) -> int:
     if len_keep < 1:
-        raise ValueError(
-            f"mask_ratio {mask_ratio} keeps no token of {num_tokens}: int(L * (1 - mask_ratio)) = 0"
-        )
+        raise ValueError(f"mask_ratio {mask_ratio} keeps no token of {num_tokens}: {rule} = 0")
     return len_keep
+
+
+def keep_count(num_tokens: int, mask_ratio) -> int:
+    """The MAE code's `len_keep = int(L * (1 - mask_ratio))`, checked to keep at least one token."""
+    _check_ratio(mask_ratio)
+    len_keep = int(num_tokens * (1 - mask_ratio))  # in the caller's number type, as the official
+    return _at_least_one(len_keep, num_tokens, mask_ratio, "int(L * (1 - mask_ratio))")
+
+
+def tube_keep_count(num_tokens: int, mask_ratio) -> int:
+    """VideoMAE's kept positions per frame, `S - int(S * mask_ratio)` (its TubeMaskingGenerator
+    masks `int(mask_ratio * S)`): 20 of 196 at 0.9, where `keep_count` gives 19."""
+    _check_ratio(mask_ratio)
+    len_keep = num_tokens - int(num_tokens * mask_ratio)
+    return _at_least_one(len_keep, num_tokens, mask_ratio, "S - int(S * mask_ratio)")
 
 
 def _noise(noise, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -276,7 +318,13 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 def random_masking_with_ids(x: torch.Tensor, mask_ratio: float,
                             noise: torch.Tensor | None = None):
     """`random_masking`, plus ids_keep (B, len_keep): the kept positions, in keep order."""
-    return tube_masking_with_ids(x, mask_ratio, 1, noise)
+    _checks.tensor("x", x, 3, floating=True)
+    B, L, _ = x.shape
+    len_keep = keep_count(L, mask_ratio)
+    noise = _noise(noise, x, (B, L))
+    if USE_REFERENCE:
+        return _with_ids_keep(reference.random_masking(x, mask_ratio, noise))
+    return masking_op(x, noise, None, None, len_keep, 1, 1, RANDOM, 0, torch.get_default_dtype())
 
 
 def tube_masking(x: torch.Tensor, mask_ratio: float, frames: int,
@@ -285,7 +333,8 @@ def tube_masking(x: torch.Tensor, mask_ratio: float, frames: int,
 
     x: (B, frames * S, D), frame-major (the token of frame t at spatial position s is
     t * S + s). noise: (B, S) (default torch.rand), ordered as in `random_masking`; each frame
-    keeps the same `len_keep = int(S * (1 - mask_ratio))` positions. Returns (x_masked
+    keeps the same `len_keep = S - int(S * mask_ratio)` positions, VideoMAE's count (20 of 196
+    at 0.9; random_masking's `int(L * (1 - mask_ratio))` would keep 19). Returns (x_masked
     (B, frames * len_keep, D): frame 0's kept tokens in noise order, then frame 1's, ...;
     mask (B, frames * S); ids_restore (B, frames * S)), ready for `unshuffle`.
     """
@@ -301,7 +350,7 @@ def tube_masking_with_ids(x: torch.Tensor, mask_ratio: float, frames: int,
     if L % frames:
         raise ValueError(f"frames {frames} does not divide the {L} tokens of x")
     S = L // frames
-    len_keep = keep_count(S, mask_ratio)
+    len_keep = tube_keep_count(S, mask_ratio)
     noise = _noise(noise, x, (B, S))
     if USE_REFERENCE:
         return _with_ids_keep(reference.tube_masking(x, mask_ratio, frames, noise))
@@ -379,6 +428,9 @@ def grid_masking_with_ids(x: torch.Tensor, grid: tuple[int, int], keep_every: in
 
 
 def _grid_offsets(offset, batch: int, keep_every: int, device) -> torch.Tensor:
+    """(batch, 2) int64 offsets. A pair is checked on the host; a tensor's range is a
+    data-dependent check (a host sync on CUDA), made in eager mode only, as index ranges are:
+    unchecked, an entry out of range gives a wrong mask, never an access out of bounds."""
     if offset is None:
         offset = (0, 0)
     if isinstance(offset, torch.Tensor):
@@ -387,14 +439,13 @@ def _grid_offsets(offset, batch: int, keep_every: int, device) -> torch.Tensor:
                 or offset.dtype.is_complex or offset.dtype == torch.bool:
             raise ValueError(f"offset must be an integer tensor of shape {(batch, 2)}, got "
                              f"{offset.dtype} {tuple(offset.shape)}")
-        offsets = offset.to(device=device, dtype=torch.int64)
-    else:
-        if (not isinstance(offset, (tuple, list)) or len(offset) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offset)):
-            raise TypeError(f"offset must be None, a pair of ints or a (B, 2) tensor, got "
-                            f"{offset!r}")
-        offsets = torch.tensor(offset, dtype=torch.int64, device=device).expand(batch, 2)
-    if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) >= keep_every):
+        _checks.index_range("offset", offset, keep_every)
+        return offset.to(device=device, dtype=torch.int64).contiguous()
+    if (not isinstance(offset, (tuple, list)) or len(offset) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offset)):
+        raise TypeError(f"offset must be None, a pair of ints or a (B, 2) tensor, got "
+                        f"{offset!r}")
+    if not all(0 <= o < keep_every for o in offset):
         raise ValueError(f"offset entries must lie in [0, keep_every={keep_every}), got "
-                         f"{offsets.unique().tolist()}")
-    return offsets.contiguous()
+                         f"{list(offset)}")
+    return torch.tensor(offset, dtype=torch.int64, device=device).expand(batch, 2).contiguous()

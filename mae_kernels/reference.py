@@ -24,12 +24,15 @@ __all__ = [
     "unshuffle",
     "mae_loss",
     "norm_pix_stats",
+    "norm_pix",
     "hog_targets",
     "hog_loss",
     "masked_mse",
-    "hog_boundaries",
+    "videomae_targets",
+    "videomae_stats",
     "gather_tokens",
     "scatter_tokens",
+    "resized_crop",
 ]
 
 
@@ -121,18 +124,51 @@ def loss_dtype(imgs: torch.Tensor, pred: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.float32, torch.promote_types(imgs.dtype, pred.dtype))
 
 
-def loss_targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
-                 dtype: torch.dtype, tubelet_size: int = 1) -> torch.Tensor:
-    """What `pred` is compared with: the patches (tubelets for videos (B, C, T, H, W)),
-    normalised per patch with `norm_pix_loss`."""
-    if imgs.dim() == 5:
-        target = patchify3d(imgs, (tubelet_size, patch_size, patch_size)).to(dtype)
-    else:
-        target = patchify(imgs, patch_size).to(dtype)
-    if norm_pix_loss:
-        mean, std = norm_pix_stats(target)
-        target = (target - mean) / std
+def norm_pix(target: torch.Tensor) -> torch.Tensor:
+    """MAE's norm-pix target: each patch (last dim) by its own mean and std (norm_pix_stats)."""
+    mean, std = norm_pix_stats(target)
+    return (target - mean) / std
+
+
+def videomae_stats(target: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of each channel of each tubelet (last dim, channel fastest) as VideoMAE's
+    `normlize_target` normalises it: the unbiased std, eps added to the std (not inside the
+    root, as MAE does). Both are laid out as `target`: `(target - mean) / std` is the target."""
+    x = target.unflatten(-1, (-1, channels))
+    mean = x.mean(dim=-2, keepdim=True).expand_as(x).flatten(-2)
+    std = (x.var(dim=-2, keepdim=True).sqrt() + NORM_PIX_EPS).expand_as(x).flatten(-2)
+    return mean, std
+
+
+def videomae_targets(videos: torch.Tensor, tubelet_size: int, patch_size: int, normalize: bool,
+                     dtype: torch.dtype, mean=None, std=None) -> torch.Tensor:
+    """VideoMAE's labels (`engine_for_pretraining.py`): the video un-normalised with the data's
+    per-channel `mean` and `std` (when given: VideoMAE's loader normalises with ImageNet's), cut
+    into tubelets as patchify3d does; with `normalize`, each channel of each tubelet normalised
+    by videomae_stats. Without it, the un-normalised tubelets."""
+    x = videos.to(dtype)
+    if mean is not None:
+        per_channel = dict(dtype=dtype, device=x.device)
+        shape = (1, -1, 1, 1, 1)
+        x = (x * torch.as_tensor(std, **per_channel).view(shape)
+             + torch.as_tensor(mean, **per_channel).view(shape))
+    target = patchify3d(x, (tubelet_size, patch_size, patch_size))
+    if normalize:
+        tube_mean, tube_std = videomae_stats(target, videos.shape[1])
+        target = (target - tube_mean) / tube_std
     return target
+
+
+def loss_targets(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
+                 dtype: torch.dtype, tubelet_size: int = 1, mean=None,
+                 std=None) -> torch.Tensor:
+    """What `pred` is compared with. Images (B, C, H, W): MAE's, the patches, with
+    `norm_pix_loss` each normalised by norm_pix. Videos (B, C, T, H, W): VideoMAE's
+    (videomae_targets, `norm_pix_loss` its `normlize_target`)."""
+    if imgs.dim() == 5:
+        return videomae_targets(imgs, tubelet_size, patch_size, norm_pix_loss, dtype, mean, std)
+    target = patchify(imgs, patch_size).to(dtype)
+    return norm_pix(target) if norm_pix_loss else target
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -146,44 +182,46 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
 
 
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-             norm_pix_loss: bool = True, tubelet_size: int = 1) -> torch.Tensor:
-    """Mean squared error on removed patches, in float32 (float64 for float64 inputs);
-    norm-pix uses the unbiased variance. Videos (B, C, T, H, W): over tubelets."""
+             norm_pix_loss: bool = True, tubelet_size: int = 1, mean=None,
+             std=None) -> torch.Tensor:
+    """Mean squared error on removed patches, in float32 (float64 for float64 inputs), with
+    loss_targets: images MAE's `forward_loss`, videos (B, C, T, H, W) VideoMAE's loss over
+    tubelets (`mean`, `std`: the data's normalisation, undone first). As the official code,
+    a NaN anywhere in `pred` makes the loss NaN."""
     dtype = loss_dtype(imgs, pred)
-    target = loss_targets(imgs, patch_size, norm_pix_loss, dtype, tubelet_size)
+    target = loss_targets(imgs, patch_size, norm_pix_loss, dtype, tubelet_size, mean, std)
     return masked_mse(pred, target, mask, dtype)
 
 
-def hog_boundaries(bins: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (float32) of the orientation bin boundaries k * pi / bins, k = 0..bins-1."""
-    angles = torch.arange(bins, dtype=torch.float64) * math.pi / bins
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+HOG_NORM_EPS = 1.0e-12  # F.normalize's floor on the norm
 
 
 def hog_targets(imgs: torch.Tensor, patch_size: int, bins: int = 9, cell: int = 8) -> torch.Tensor:
-    """MaskFeat-style HOG per patch (mae_kernels.hog documents each choice): (B, L,
-    C * (p/cell)^2 * bins) float32, laid out (channel, cell row, cell col, bin) per patch."""
-    x = imgs.float()
-    B, C, H, W = x.shape
-    gx, gy = torch.zeros_like(x), torch.zeros_like(x)
-    gx[..., :, 1:-1] = x[..., :, 2:] - x[..., :, :-2]
-    gy[..., 1:-1, :] = x[..., 2:, :] - x[..., :-2, :]
+    """MaskFeat's HOG target: SlowFast's `HOGLayerC(nbins=bins, pool=cell)` as MaskFeat builds
+    it (no Gaussian window), laid out per patch as `_get_hog_label_2d` lays it out. Per channel:
+    reflect padding by one pixel, the Sobel filters [[1, 0, -1], [2, 0, -2], [1, 0, -1]] (gx) and
+    its transpose (gy), magnitude sqrt(gx^2 + gy^2), bin floor(atan2(gx, gy) / pi * bins) mod
+    bins, magnitudes summed per `cell` x `cell` cell, each cell's bins L2-normalised. Returns
+    (B, L, C * bins * (p/cell)^2) float32, per patch (channel, bin, cell row, cell col)."""
+    B, C, H, W = imgs.shape
+    x = torch.nn.functional.pad(imgs.float(), (1, 1, 1, 1), mode="reflect")
+
+    def at(dy: int, dx: int) -> torch.Tensor:  # the neighbour (dy, dx) of every pixel
+        return x[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+
+    # the 3x3 filters as differences of neighbours: exactly zero where the padding mirrors
+    gx = (at(-1, -1) - at(-1, 1)) + 2 * (at(0, -1) - at(0, 1)) + (at(1, -1) - at(1, 1))
+    gy = (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1)) - (at(1, -1) + 2 * at(1, 0) + at(1, 1))
     magnitude = torch.sqrt(gx * gx + gy * gy)
-    flip = (gy < 0) | ((gy == 0) & (gx < 0))
-    gx, gy = torch.where(flip, -gx, gx), torch.where(flip, -gy, gy)
-    cos, sin = hog_boundaries(bins, x.device)
-    index = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
-    for k in range(1, bins):
-        index += (cos[k] * gy - sin[k] * gx >= 0).long()
+    index = (torch.atan2(gx, gy) / math.pi * bins).floor().long() % bins
     votes = torch.zeros(B, C, H, W, bins, device=x.device)
     votes.scatter_(-1, index.unsqueeze(-1), magnitude.unsqueeze(-1))
-    # cell histograms (B, C, H/cell, W/cell, bins), averaged over the cell's pixels
-    hist = votes.reshape(B, C, H // cell, cell, W // cell, cell, bins).mean(dim=(3, 5))
+    hist = votes.reshape(B, C, H // cell, cell, W // cell, cell, bins).sum(dim=(3, 5))
+    hist = hist / hist.norm(dim=-1, keepdim=True).clamp_min(HOG_NORM_EPS)
     k = patch_size // cell
     h, w = H // patch_size, W // patch_size
-    hist = hist.reshape(B, C, h, k, w, k, bins).permute(0, 2, 4, 1, 3, 5, 6)
-    features = hist.reshape(B, h * w, C * k * k * bins)
-    return features / torch.sqrt((features * features).sum(-1, keepdim=True) + 1e-10)
+    hist = hist.reshape(B, C, h, k, w, k, bins).permute(0, 2, 4, 1, 6, 3, 5)
+    return hist.reshape(B, h * w, C * bins * k * k)
 
 
 def hog_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
@@ -219,11 +257,12 @@ def _masked_by_order(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int):
 def tube_masking(x: torch.Tensor, mask_ratio: float, frames: int,
                  noise: torch.Tensor | None = None):
     """VideoMAE's tube masking: x (B, frames * S, D) frame-major; one random spatial mask per
-    sample (the smallest-noise S * (1 - mask_ratio) positions) kept in every frame. x_masked
-    holds frame 0's kept tokens in noise order, then frame 1's, ..."""
+    sample kept in every frame: the smallest-noise S - int(S * mask_ratio) positions, as
+    VideoMAE's TubeMaskingGenerator masks int(mask_ratio * S) of each frame. x_masked holds
+    frame 0's kept tokens in noise order, then frame 1's, ..."""
     N, L, D = x.shape
     S = L // frames
-    len_keep = int(S * (1 - mask_ratio))
+    len_keep = S - int(S * mask_ratio)
     if noise is None:
         noise = torch.rand(N, S, device=x.device)
     order = torch.argsort(noise, dim=1, stable=True)
@@ -309,3 +348,29 @@ def grid_masking(x: torch.Tensor, grid: tuple[int, int], keep_every: int = 2,
     kept = (rows % keep_every == offsets[:, :1]) & (cols % keep_every == offsets[:, 1:])
     ids_shuffle = torch.argsort((~kept).int(), dim=1, stable=True)
     return _masked_by_order(x, ids_shuffle, L // keep_every**2)
+
+
+def resized_crop(images: list[torch.Tensor], boxes: torch.Tensor, size: int,
+                 flips: torch.Tensor | None = None, mean=(0.485, 0.456, 0.406),
+                 std=(0.229, 0.224, 0.225), dtype: torch.dtype = torch.float32,
+                 patch_size: int | None = None) -> torch.Tensor:
+    """Per sample, torchvision v2's `resized_crop(img, top, left, height, width, [size, size],
+    BICUBIC, antialias=True)` on the uint8 image (`images`: (3, H_i, W_i) each) without its final
+    rounding to uint8: the crop resampled as float by aten's antialiased bicubic, clamped to
+    [0, 255]; then the horizontal flip where `flips` says, /255, (x - mean) / std, in `dtype`;
+    in the `patchify` layout when `patch_size` is given. boxes (B, 4): (top, left, height,
+    width)."""
+    flips = [False] * len(images) if flips is None else flips.tolist()
+    out = []
+    for img, (top, left, height, width), flip in zip(images, boxes.tolist(), flips):
+        crop = img[None, :, top:top + height, left:left + width].float()
+        if (height, width) != (size, size):  # torchvision returns an unresized crop as it is
+            crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic",
+                                                   align_corners=False, antialias=True)
+        crop = crop.clamp(0, 255)[0]
+        out.append(crop.flip(-1) if flip else crop)
+    x = torch.stack(out) / 255
+    x = ((x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1))
+         / torch.tensor(std, device=x.device).view(1, 3, 1, 1))
+    x = x.to(dtype)
+    return patchify(x, patch_size) if patch_size else x

@@ -75,9 +75,11 @@ def _unshuffle_backward_kernel(grad_ptr, ids_restore_ptr, grad_x_ptr, mask_parti
     acc_type = pos_partial_ptr.dtype.element_ty  # float32, or float64 for float64 gradients
     pos_sum = tl.zeros((BLOCK_T, BLOCK_D), dtype=acc_type)
     mask_sum = tl.zeros((BLOCK_D,), dtype=acc_type)
-    b_start = chunk.to(tl.int64) * batch_chunk  # 64-bit loop counter: offsets pass 2^31
-    b_end = tl.minimum(b_start + batch_chunk, B)
-    for b in range(b_start, b_end):
+    b = chunk.to(tl.int64) * batch_chunk  # 64-bit loop counter: offsets pass 2^31
+    b_end = tl.minimum(b + batch_chunk, B)
+    # NOTE: a while loop, not range(b, b_end): triton 3.6's interpreter converts runtime range
+    # bounds with int() on 1-element arrays, which NumPy >= 2.3 refuses.
+    while b < b_end:
         g = tl.load(grad_ptr + (b * T + t)[:, None] * D + cols[None, :], mask=tile)
         from_x, dst = _sources(ids_restore_ptr, b, t, valid_t, L, K, P)
         tl.store(grad_x_ptr + (b * (P + K) + dst)[:, None] * D + cols[None, :],
@@ -85,6 +87,7 @@ def _unshuffle_backward_kernel(grad_ptr, ids_restore_ptr, grad_x_ptr, mask_parti
         g = g.to(acc_type)
         mask_sum += tl.sum(tl.where(tile & ~from_x[:, None], g, 0.0), axis=0)
         pos_sum += g
+        b += 1
     row = chunk * tl.num_programs(1) + t_block
     tl.store(mask_partial_ptr + row * D + cols, mask_sum, mask=cols < D)
     tl.store(pos_partial_ptr + (chunk * T + t)[:, None] * D + cols[None, :], pos_sum, mask=tile)

@@ -9,6 +9,9 @@
 #   lowest:   Python 3.10, torch 2.11 (CUDA 13.0), triton 3.6 (torch's pin);
 #             plain pip install -e ., the extension compiled on first import
 #   plain:    Python 3.11, torch 2.13.0: `pip install torch==2.13.0 && pip install -e .`
+#   numpy:    Python 3.11, torch 2.11, triton 3.6, the newest NumPy (>= 2.3 needs Python >= 3.11,
+#             so the lowest row cannot have it; the GPU image pairs triton 3.6 with NumPy 2.5):
+#             the Triton ops' interpreter tests only, whose kernels NumPy runs under triton 3.6
 # Each row runs the CPU suite (slow training tests excepted; newest also runs the fine-tuning
 # and video-file tests, lowest runs the op- and model-level tests) and prints its wall time.
 set -euo pipefail
@@ -91,3 +94,11 @@ row lowest 3.10 torch==2.11.0 "" test "assert triton.__version__.startswith('3.6
 
 stage "plain: pip install torch==2.13.0 && pip install -e ."
 row plain 3.11 torch==2.13.0 "" test "" tests/test_ops.py tests/test_dispatch.py
+
+stage "numpy: Python 3.11, torch 2.11, triton 3.6, the newest NumPy: the interpreter tests"
+row numpy 3.11 "torch==2.11.0 numpy>=2.3" "" test "
+import numpy
+assert triton.__version__.startswith('3.6'), triton.__version__
+assert tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 3), numpy.__version__
+" tests/test_ops.py tests/test_mask_sampling.py tests/test_video_ops.py tests/test_hog.py \
+  tests/test_custom_ops.py tests/test_resized_crop.py -m "not slow" -k triton

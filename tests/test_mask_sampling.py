@@ -8,7 +8,7 @@ import mae_kernels as mk
 from mae import MAE
 from mae_kernels import reference as ref
 
-from .utils import DTYPES
+from .utils import DTYPES, assert_same_grads, running
 
 
 def _leaf(t):
@@ -128,8 +128,8 @@ TUBES = [(1, 1, 1, 1), (2, 2, 7, 5), (3, 8, 16, 8), (2, 3, 49, 33)]  # B, frames
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,frames,S,D,ratio", [(*t, r) for t in TUBES for r in (0.0, 0.75, 0.9)
-                                                if int(t[2] * (1 - r))])
+# VideoMAE's count keeps a token at every ratio below 1 (one of one at 0.9)
+@pytest.mark.parametrize("B,frames,S,D,ratio", [(*t, r) for t in TUBES for r in (0.0, 0.75, 0.9)])
 def test_tube_masking(implementation, dtype, B, frames, S, D, ratio):
     x = torch.randn(B, frames * S, D, dtype=dtype)
     noise = torch.rand(B, S)
@@ -145,7 +145,7 @@ def test_tube_masking_shares_one_mask_across_frames(implementation):
     x_masked, mask, ids_restore = mk.tube_masking(x, 0.9, frames)
     per_frame = mask.view(B, frames, S)
     assert torch.equal(per_frame, per_frame[:, :1].expand_as(per_frame))
-    assert x_masked.shape == (B, frames * int(S * (1 - 0.9)), 16)
+    assert x_masked.shape == (B, frames * (S - int(S * 0.9)), 16)
     # unshuffle puts every kept token back where it came from
     cls = torch.zeros(B, 1, 16)
     restored = mk.unshuffle(torch.cat([cls, x_masked], 1), torch.zeros(1, 1, 16), ids_restore)
@@ -153,10 +153,90 @@ def test_tube_masking_shares_one_mask_across_frames(implementation):
     assert torch.equal(restored[:, 1:][kept], x[kept])
 
 
-def test_tube_masking_one_frame_is_random_masking(implementation):
-    x = torch.randn(3, 20, 6)
-    noise = torch.rand(3, 20)
-    _assert_same(mk.tube_masking(x, 0.7, 1, noise), mk.random_masking(x, 0.7, noise))
+def test_tube_masking_one_frame_is_videomae_random_masking(implementation):
+    """One frame is random masking with VideoMAE's count: 20 of 196 kept at 0.9, the reference's
+    first 19 (the MAE rule's count) and the next in noise order."""
+    x = torch.randn(3, 196, 6)
+    noise = torch.rand(3, 196)
+    got = mk.tube_masking(x, 0.9, 1, noise)
+    _assert_same(got, ref.tube_masking(x, 0.9, 1, noise))
+    mae = ref.random_masking(x, 0.9, noise)
+    assert got[0].shape[1] == 20 and mae[0].shape[1] == 19
+    assert torch.equal(got[0][:, :19], mae[0])
+    assert torch.equal(got[1], mae[1] * (torch.argsort(noise, 1).argsort(1) != 19))
+
+
+@pytest.mark.parametrize("S,ratio", [(196, 0.9), (16, 0.9), (196, 0.75), (49, 0.55), (10, 0.0)])
+def test_tube_masking_keeps_videomae_count(implementation, S, ratio):
+    """VideoMAE's TubeMaskingGenerator masks int(mask_ratio * S) positions of every frame; the
+    image MAE keeps int(L * (1 - mask_ratio)) (19 of 196 at 0.9, one of 16)."""
+    frames = 2
+    x = torch.randn(2, frames * S, 3)
+    x_masked, mask, _ = mk.tube_masking(x, ratio, frames)
+    assert x_masked.shape[1] == frames * (S - int(ratio * S))
+    assert mask.view(2, frames, S).sum(2).eq(int(ratio * S)).all()
+    assert mk.random_masking(x[:, :S], ratio)[0].shape[1] == int(S * (1 - ratio))
+
+
+# each strategy (grid with each kind of offset) on (2, 16, D): a 4x4 grid, or 2 frames of 8
+STRATEGIES = {
+    "random": lambda x, n: mk.random_masking(x, 0.75, n[..., 0]),
+    "tube": lambda x, n: mk.tube_masking(x, 0.75, 2, n[:, :8, 0]),
+    "block": lambda x, n: mk.block_masking(x, 0.75, (4, 4), n),
+    "grid": lambda x, n: mk.grid_masking(x, (4, 4)),
+    "grid_pair": lambda x, n: mk.grid_masking(x, (4, 4), 2, (1, 1)),
+    "grid_tensor": lambda x, n: mk.grid_masking(x, (4, 4), 2, torch.tensor([[1, 0], [0, 1]])),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_compile_fullgraph(implementation, strategy):
+    """Each strategy compiles into one graph (no host sync, no break) and gives eager's outputs
+    and gradient."""
+    op = STRATEGIES[strategy]
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    noise = torch.rand(2, 16, 5)
+
+    def step(x, noise):
+        x_masked, mask, ids_restore = op(x, noise)
+        return x_masked.square().sum(), mask, ids_restore
+
+    eager = step(x, noise)
+    (eager_grad,) = torch.autograd.grad(eager[0], x)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(x, noise)
+    (grad,) = torch.autograd.grad(compiled[0], x)
+    _assert_same(compiled[1:], eager[1:])
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert torch.equal(grad, eager_grad)
+
+
+def test_grid_offset_checks():
+    """Host-side offsets are checked on the host; a tensor's range in eager mode."""
+    x = torch.randn(2, 16, 3)
+    with pytest.raises(ValueError, match="offset"):
+        mk.grid_masking(x, (4, 4), 2, (0, 2))
+    with pytest.raises(ValueError, match="offset"):
+        mk.grid_masking(x, (4, 4), 2, torch.tensor([[0, 0], [2, 0]]))
+
+
+def test_model_grid_compiles_fullgraph():
+    """MAE(mask_type="grid") trains under torch.compile(fullgraph=True) on the CPU kernels, with
+    eager's loss and gradients."""
+    config = {"img_size": 32, "patch_size": 8, "encoder_dim": 32, "encoder_layers": 1,
+              "decoder_dim": 32, "decoder_layers": 1, "mask_type": "grid"}
+    model, plain = MAE(config), MAE(config)
+    plain.load_state_dict(model.state_dict())
+    imgs = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with running("cpu"):
+        compiled = torch.compile(model, fullgraph=True)(imgs)
+        compiled.loss.backward()
+        want = plain(imgs)
+        want.loss.backward()
+    torch.testing.assert_close(compiled.loss, want.loss)
+    assert torch.equal(compiled.mask, want.mask)
+    assert_same_grads(model, plain)
 
 
 @pytest.mark.parametrize("mask_type", ["block", "grid"])

@@ -189,6 +189,29 @@ def test_mae_loss_non_contiguous(implementation):
                  torch.float32)
 
 
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_mae_loss_reads_removed_patches_only(implementation, norm_pix_loss):
+    """A NaN or inf in a kept patch of pred or of the image reaches neither the loss nor its
+    gradient, on the CPU kernel and the Triton launcher alike, so a non-finite loss does not
+    depend on the device; the reference (the official code) returns NaN."""
+    imgs = torch.randn(2, 3, 8, 8)
+    pred = torch.randn(2, 4, 48)
+    mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
+    want_leaf = _leaf(pred)
+    want = ref.mae_loss(imgs, want_leaf, mask, 4, norm_pix_loss)
+    poisoned, dirty = pred.clone(), imgs.clone()
+    poisoned[0, 1, 5], poisoned[1, 3] = float("nan"), float("inf")
+    dirty[0, :, 0:4, 4:8] = float("nan")  # patch 1 of image 0: kept
+    assert torch.isnan(ref.mae_loss(imgs, poisoned, mask, 4, norm_pix_loss))
+    leaf = _leaf(poisoned)
+    loss = mk.mae_loss(dirty, leaf, mask, 4, norm_pix_loss)
+    assert_close(loss, want, torch.float32)
+    (g,) = torch.autograd.grad(loss, leaf)
+    (w,) = torch.autograd.grad(want, want_leaf)
+    assert torch.isfinite(g).all() and torch.all(g[mask == 0] == 0)
+    assert_close(g, w, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", TOKEN_SHAPES)
 def test_gather_scatter_tokens(dtype, shape):

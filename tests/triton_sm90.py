@@ -1,14 +1,21 @@
 """Compiles every Triton kernel for Hopper (sm_90) ahead of time, without a GPU, exactly as the
-launchers would launch it at MAE sizes, and reports the width of its global loads and stores.
+launchers would launch it at MAE sizes, and reports the width of its global loads and stores and,
+from the cubin ptxas made (cuobjdump's resource usage), its registers and stack frame per thread:
+ptxas spills registers to the stack frame, and these kernels hold nothing else there.
 
 Run with TRITON_INTERPRET unset (tests/test_triton_compile.py does): the launchers run on CPU
 tensors with their kernels' `run` replaced by recorders, then each recorded launch is compiled
 with the specialisations Triton's JIT would apply (16-byte aligned pointers, integers divisible
 by 16).
-Prints one JSON object: {kernel: {"compiled": n, "loads": [...], "stores": [...]}}.
+Prints one JSON object: {kernel: {"compiled": n, "loads": [...], "stores": [...], "resources":
+[{"regs": r, "stack": bytes, "args": {integer or constexpr argument: value}}, one per launch]}},
+and the resources as a table on stderr.
 """
 import json
 import re
+import subprocess
+import sys
+import tempfile
 import warnings
 
 import torch
@@ -17,12 +24,13 @@ from torch._library.triton import set_wrap_triton_enabled
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mae_kernels import hog, loss, masking, patches, reference, unshuffling
+from mae_kernels import augment, hog, loss, masking, patches, reference, unshuffling
 
 warnings.filterwarnings("ignore")
 STRATEGIES = {masking.RANDOM: "random", masking.BLOCK: "block", masking.GRID: "grid"}
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-         torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32"}
+         torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8",
+         torch.bool: "i1"}
 
 
 class Recorder:
@@ -51,12 +59,25 @@ def compile_call(kernel, args, kwargs):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, bool):
             signature[name] = "i1"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         else:
             signature[name] = "i64" if abs(value) >= 2**31 else "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack frame bytes) per thread of the one kernel in `cubin`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage",
+                                f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return int(regs), int(stack)
 
 
 def run_launchers(dtype):
@@ -73,7 +94,7 @@ def run_launchers(dtype):
     masking._masking_triton(x, None, None, offsets, K, 1, 14, masking.GRID, 2, f32)
     # VideoMAE-B: 8 temporal positions of 14x14, 90% masked
     video = torch.randn(2, 8 * L, D).to(dtype)
-    masking._masking_triton(video, torch.rand(2, L), None, None, 19, 8, 1, masking.RANDOM, 0, f32)
+    masking._masking_triton(video, torch.rand(2, L), None, None, 20, 8, 1, masking.RANDOM, 0, f32)
     dec = torch.randn(B, P + K, 512).to(dtype)
     unshuffling._unshuffle_triton(dec, torch.randn(1, 1, 512).to(dtype), ids_restore, P,
                                   torch.randn(1, P + L, 512).to(dtype))
@@ -93,29 +114,60 @@ def run_launchers(dtype):
     tube_mask = (torch.rand(2, 8 * L) > 0.9).float()
     loss._mae_loss_triton(videos, tubes, tube_mask, 2, 16, True)
     loss._mae_loss_backward_triton(torch.tensor(1.0), videos, tubes, tube_mask, 2, 16, True)
+    # the input pipeline: photos of ImageNet's typical 375x500 cropped to 224, both layouts
+    data, image_offsets, shapes = augment.pack([torch.zeros(3, 375, 500, dtype=torch.uint8)] * B)
+    boxes = torch.tensor([[10, 20, 300, 280]] * B)
+    for p in (0, 16):
+        augment._resized_crop_triton(data, image_offsets, shapes, boxes,
+                                     torch.zeros(B, dtype=torch.bool), 224, [0.5] * 3,
+                                     [0.25] * 3, dtype, p)
+
+
+def run_long_masking():
+    """Each masking strategy at 32x32 and 64x64 grids (S = 1024, 4096: ViT-B/16 at 512 and 1024
+    px), 75% masked: where the sort's registers run out first."""
+    for side in (32, 64):
+        S, K = side * side, side * side // 4
+        x = torch.randn(2, S, 768).to(torch.bfloat16)
+        f32 = torch.float32
+        masking._masking_triton(x, torch.rand(2, S), None, None, K, 1, 1, masking.RANDOM, 0, f32)
+        order, draws = reference.block_draws(torch.rand(2, S, 5), (0.3, 1 / 0.3))
+        masking._masking_triton(x, order, draws, None, K, 1, side, masking.BLOCK, 4, f32)
+        offsets = torch.zeros(2, 2, dtype=torch.int64)
+        masking._masking_triton(x, None, None, offsets, K, 1, side, masking.GRID, 2, f32)
 
 
 def main():
     kernels = {
         "masking": masking._masking_kernel,
+        "masking_gather": masking._gather_kept_kernel,
         "unshuffle": unshuffling._unshuffle_kernel,
         "unshuffle_backward": unshuffling._unshuffle_backward_kernel,
         "loss_forward": loss._loss_forward_kernel,
         "loss_backward": loss._loss_backward_kernel,
         "patchify": patches._patch_rows_kernel,
         "hog": hog._hog_kernel,
+        "resized_crop": augment._resized_crop_kernel,
     }
     recorders = {name: Recorder(kernel) for name, kernel in kernels.items()}
     with set_wrap_triton_enabled(False):  # launch directly, as the op's eager kernel does
         for dtype in (torch.bfloat16, torch.float32):
             run_launchers(dtype)
+        run_long_masking()
     report = {}
     for name, recorder in recorders.items():
         for args, kwargs in recorder.calls:
             # one entry per masking strategy (tube is random over several frames)
             key = f"{name}_{STRATEGIES[kwargs['STRATEGY']]}" if "STRATEGY" in kwargs else name
-            entry = report.setdefault(key, {"compiled": 0, "loads": set(), "stores": set()})
-            ptx = compile_call(recorder.kernel, args, dict(kwargs))
+            entry = report.setdefault(key, {"compiled": 0, "loads": set(), "stores": set(),
+                                            "resources": []})
+            compiled = compile_call(recorder.kernel, args, dict(kwargs))
+            ptx = compiled.asm["ptx"]
+            regs, stack = resources(compiled.asm["cubin"])
+            sizes = {name: value for name, value in zip(recorder.kernel.arg_names, args)
+                     if isinstance(value, int)} | kwargs  # kwargs: constexprs, num_warps
+            entry["resources"].append({"regs": regs, "stack": stack, "args": sizes})
+            print(f"{key:20} regs {regs:3} stack {stack:4} B  {sizes}", file=sys.stderr)
             entry["compiled"] += 1
             entry["loads"] |= set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx))
             entry["stores"] |= set(re.findall(r"st\.global(?:\.[a-z0-9]+)*", ptx))

@@ -6,7 +6,7 @@ from collections import Counter
 
 import torch
 
-from mae_kernels import hog, loss, masking, patches, tokens, unshuffling
+from mae_kernels import augment, hog, loss, masking, patches, tokens, unshuffling
 from mae_kernels._library import HAS_TRITON
 
 # The ops with a Triton launcher (their default kernel) and a CPU kernel.
@@ -19,8 +19,9 @@ DEVICE_OPS = {
     "patchify": patches.patchify_op,
     "unpatchify": patches.unpatchify_op,
     "hog_targets": hog.hog_op,
+    "resized_crop": augment.resized_crop_op,
 }
-KERNELS = {name: kernel for module in (masking, unshuffling, loss, patches, hog)
+KERNELS = {name: kernel for module in (masking, unshuffling, loss, patches, hog, augment)
            for name, kernel in vars(module).items() if name.endswith("_kernel")}
 # "cpu": the dispatcher's CPU kernels (PyTorch + the C++ extension); "triton": the Triton
 # launchers on CPU tensors, through the interpreter.
