@@ -8,11 +8,15 @@ written once) over the device-to-device copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 
 import torch
 
 CUDA = torch.cuda.is_available()
+# The GPU's cases (MAE sizes) are parametrized on a GPU, or anywhere with MAE_BENCH_SIZES=gpu: the
+# GPU plan's dry run (scripts/gpu_plan.py) counts them on a CPU machine, collecting only.
+GPU_SIZES = CUDA or os.environ.get("MAE_BENCH_SIZES") == "gpu"
 L2_FLUSH_BYTES = 256 * 2**20  # well above the 50 MiB L2 of an H100
 
 
@@ -61,6 +65,30 @@ def kernel_launches(fn, inputs) -> int:
         fn(*inputs)
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+class Compiled:
+    """`torch.compile(fn, **options)` for one benchmark case, checked to have compiled.
+
+    Every case compiles the same reference function: past `recompile_limit` (8) variants of one
+    code object dynamo gives up and runs it eagerly, silently, so dynamo starts from a clean
+    state here, and each call asserts that the backend compiled a graph for this case.
+    """
+
+    def __init__(self, fn, backend: str = "inductor", **options):
+        torch._dynamo.reset()
+        self.graphs = 0
+        self._backend = torch._dynamo.lookup_backend(backend)
+        self._fn = torch.compile(fn, backend=self._record, **options)
+
+    def _record(self, graph, example_inputs):
+        self.graphs += 1
+        return self._backend(graph, example_inputs)
+
+    def __call__(self, *args, **kwargs):
+        out = self._fn(*args, **kwargs)
+        assert self.graphs, "torch.compile compiled no graph: this case ran eagerly"
+        return out
 
 
 def run_case(benchmark, fn, make_inputs, bytes_moved: int, **info):

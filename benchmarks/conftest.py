@@ -1,7 +1,23 @@
+import json
+import os
+
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+MARKS = {
+    "vit_b": "MAE ViT-B/16 sizes: B=256, L=196, encoder D=768, decoder D=512, 224x224",
+    "bf16": "bfloat16 cases",
+    "video": "the VideoMAE ops",
+    "compiled": "torch.compile cases",
+    "step": "the whole pre-training step",
+    "long_compile": "ops whose compiled reference takes minutes to build",
+}
+
+
+def pytest_configure(config):
+    for name, meaning in MARKS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _record_case(request):
+    """With MAE_BENCH_CASES=FILE, appends each case's result to FILE as one JSON line when it
+    ends, in pytest-benchmark's format: pytest-benchmark writes its JSON only when the session
+    ends, so a run stopped at its time limit would return nothing."""
+    yield
+    path = os.environ.get("MAE_BENCH_CASES")
+    bench = request.node.funcargs.get("benchmark")
+    if path and bench is not None and bench.stats is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(bench.stats.as_dict(include_data=False), default=str) + "\n")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -12,14 +12,23 @@ import torch
 import mae_kernels
 from mae_kernels import reference
 
-from .common import CUDA, run_case, tensor_bytes
+from .common import CUDA, GPU_SIZES, Compiled, run_case, tensor_bytes
 
 DEVICE = "cuda" if CUDA else "cpu"
-if CUDA:
-    ENCODER = [(B, 196, D) for B in (64, 256) for D in (768, 1024)]
-    DECODER = [(B, 196, 512) for B in (64, 256)]
-    IMAGES = [64, 256]
-    DTYPES = [torch.float32, torch.bfloat16]
+# The marks say which cases the GPU plan (scripts/gpu_plan.py) measures first: `vit_b` is MAE's
+# ViT-B/16 size (B=256, L=196, encoder D=768, decoder D=512, 224x224 images), `bf16` bfloat16,
+# `video` the VideoMAE ops, `compiled` the torch.compile'd reference, `long_compile` the ops whose
+# compiled reference takes minutes to build.
+VIT_B, BF16, VIDEO_OPS = pytest.mark.vit_b, pytest.mark.bf16, pytest.mark.video
+# block masking's reference loops over one rectangle attempt per token: dynamo unrolls the 196
+# iterations (about 4000 ops; 2-3 minutes to trace on the CPU machine)
+LONG_COMPILE = {"block_masking"}
+if GPU_SIZES:
+    ENCODER = [pytest.param((256, 196, 768), marks=VIT_B), (256, 196, 1024), (64, 196, 768),
+               (64, 196, 1024)]
+    DECODER = [pytest.param((256, 196, 512), marks=VIT_B), (64, 196, 512)]
+    IMAGES = [pytest.param(256, marks=VIT_B), 64]
+    DTYPES = [pytest.param(torch.bfloat16, marks=BF16), torch.float32]
 else:
     ENCODER = [(64, 196, 768)]
     DECODER = [(8, 196, 512)]
@@ -27,16 +36,18 @@ else:
     DTYPES = [torch.float32]
 # "ours" is what the dispatcher runs for the device: the Triton kernels on CUDA (the extension's
 # CUDA kernels for gather/scatter), the CPU kernels (PyTorch + the C++ extension) on CPU.
-IMPLS = ["reference", "compiled", "ours"]
+IMPLS = ["reference", pytest.param("compiled", marks=pytest.mark.compiled), "ours"]
 RATIO = 0.75
 PATCH = 16
 
 
-def implementation(impl: str, name: str):
+def implementation(impl: str, name: str, smoke: bool = False):
     if impl == "reference":
         return getattr(reference, name)
     if impl == "compiled":
-        return torch.compile(getattr(reference, name), dynamic=False)
+        # the CPU smoke run checks that dynamo captures each case, without Inductor's codegen
+        return Compiled(getattr(reference, name), "aot_eager" if smoke else "inductor",
+                        dynamic=False)
     public = getattr(mae_kernels, name)
 
     def call(*args, **kwargs):
@@ -48,10 +59,11 @@ def implementation(impl: str, name: str):
 
 
 def _select(benchmark, impl, name):
-    if impl == "compiled" and not CUDA and benchmark.disabled:
-        pytest.skip("compiling on CPU is too slow for the smoke run")
     benchmark.group = f"{name}"
-    return implementation(impl, name)
+    smoke = not CUDA and benchmark.disabled
+    if smoke and impl == "compiled" and name in LONG_COMPILE:
+        pytest.skip(f"compiling {name}'s reference takes minutes: too slow for the smoke run")
+    return implementation(impl, name, smoke=smoke)
 
 
 def token_cases(shapes):
@@ -87,9 +99,10 @@ MASKINGS = {
                       lambda B, L: (B, L, 5)),
     "grid_masking": (lambda op, x, noise: op(x, (14, 14)), None),
 }
-# VideoMAE-B: 16 frames in tubelets of 2 -> 8 temporal positions of 14x14, 90% masked
-if CUDA:
-    VIDEO = [(B, 8 * 196, 768) for B in (16, 64)]
+# VideoMAE-B: 16 frames in tubelets of 2 -> 8 temporal positions of 14x14, 90% masked; 32 clips
+# hold as many tokens as 256 images (as B // 8 clips do in the video loss and patchify3d)
+if GPU_SIZES:
+    VIDEO = [pytest.param((32, 8 * 196, 768), marks=VIT_B), (16, 8 * 196, 768)]
 else:
     VIDEO = [(4, 8 * 196, 768)]
 TUBE_FRAMES, TUBE_RATIO = 8, 0.9
@@ -124,7 +137,8 @@ def _masking_case(benchmark, impl, name, shape, dtype, backward, call, noise_sha
 
 
 @token_cases(ENCODER)
-@pytest.mark.parametrize("name", list(MASKINGS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.long_compile)
+                                  if name in LONG_COMPILE else name for name in MASKINGS])
 def test_masking(benchmark, name, impl, shape, dtype, backward):
     call, noise_shape = MASKINGS[name]
     B, L, _ = shape
@@ -132,6 +146,7 @@ def test_masking(benchmark, name, impl, shape, dtype, backward):
                   noise_shape(B, L) if noise_shape else None)
 
 
+@VIDEO_OPS
 @token_cases(VIDEO)
 def test_tube_masking(benchmark, impl, shape, dtype, backward):
     B, L, _ = shape
@@ -171,7 +186,8 @@ def test_unshuffle(benchmark, impl, shape, dtype, backward):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", IMAGES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+@pytest.mark.parametrize("video", [False, pytest.param(True, marks=VIDEO_OPS)],
+                         ids=["image", "video"])
 def test_mae_loss(benchmark, video, impl, B, dtype, norm_pix_loss, backward):
     """Images: ViT-B/16 at 75%; videos: VideoMAE-B (16 frames, 2x16x16 tubelets) at 90%."""
     op = _select(benchmark, impl, "mae_loss")
@@ -204,13 +220,14 @@ PATCHIFIES = {
     "patchify3d": (lambda B: (max(1, B // 8), 3, 16, 224, 224),
                    lambda op, x: op(x, (2, PATCH, PATCH))),
 }
+PATCHIFY_NAMES = ["patchify", pytest.param("patchify3d", marks=VIDEO_OPS)]
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B", IMAGES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(PATCHIFIES))
+@pytest.mark.parametrize("name", PATCHIFY_NAMES)
 def test_patchify(benchmark, name, impl, B, dtype, backward):
     op = _select(benchmark, impl, name)
     shape, call = PATCHIFIES[name]

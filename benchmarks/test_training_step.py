@@ -13,14 +13,20 @@ import torch
 from mae.models import MAE, config_of
 from mae_kernels.integrations import patch_vit_mae
 
-from .common import CUDA, cuda_median_ms
+from .common import CUDA, GPU_SIZES, Compiled, cuda_median_ms
 
+pytestmark = pytest.mark.step
 DEVICE = "cuda" if CUDA else "cpu"
 CONFIGS = {  # model: (batch, config overrides)
-    "mae_vit_base_patch16": (128, {"img_size": 224}),
+    "mae_vit_base_patch16": (256, {"img_size": 224}),
     "mae_vit_large_patch16": (64, {"img_size": 224}),
-} if CUDA else {"mae_vit_tiny_patch16": (8, {"img_size": 32, "patch_size": 4})}
-VARIANTS = ["kernels", "kernels+compile", "reference", "reference+compile"]
+} if GPU_SIZES else {"mae_vit_tiny_patch16": (8, {"img_size": 32, "patch_size": 4})}
+# marks as in test_ops.py: the GPU plan (scripts/gpu_plan.py) measures the ViT-B/16 step first
+MODELS = [pytest.param(name, marks=pytest.mark.vit_b) if name == "mae_vit_base_patch16" else name
+          for name in CONFIGS]
+COMPILED = pytest.mark.compiled
+VARIANTS = ["kernels", pytest.param("kernels+compile", marks=COMPILED), "reference",
+            pytest.param("reference+compile", marks=COMPILED)]
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 
@@ -56,8 +62,10 @@ def _step_fn(model, optimizer, forward):
 def _measure(benchmark, model, forward, batch, size, compiled):
     model = model.to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=CUDA)
-    run = forward if not compiled else torch.compile(forward)
-    step = _step_fn(model, optimizer, run)
+    if compiled:
+        # the CPU smoke run checks that dynamo captures the step, without Inductor's codegen
+        forward = Compiled(forward, "inductor" if CUDA or not benchmark.disabled else "aot_eager")
+    step = _step_fn(model, optimizer, forward)
     imgs = torch.randn(batch, 3, size, size, device=DEVICE)
     benchmark.extra_info.update(batch=batch, image_size=size)
     if not CUDA or benchmark.disabled:
@@ -77,10 +85,8 @@ def _measure(benchmark, model, forward, batch, size, compiled):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", MODELS)
 def test_pretrain_step(benchmark, name, variant):
-    if variant.endswith("compile") and not CUDA and benchmark.disabled:
-        pytest.skip("compiling on CPU is too slow for the smoke run")
     batch, overrides = CONFIGS[name]
     config = config_of(name, **overrides, use_kernels=variant.startswith("kernels"))
     benchmark.group = f"pretrain step {name}"
@@ -91,12 +97,11 @@ def test_pretrain_step(benchmark, name, variant):
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
 @pytest.mark.parametrize("patched", [False, True], ids=["hf", "hf+patch_vit_mae"])
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=COMPILED)],
+                         ids=["eager", "compile"])
+@pytest.mark.parametrize("name", MODELS)
 def test_pretrain_step_hf_vitmae(benchmark, name, compiled, patched):
     """HF ViTMAE as the outside baseline, as is and with `patch_vit_mae`."""
-    if not CUDA and compiled:
-        pytest.skip("compiling on CPU is too slow for the smoke run")
     batch, overrides = CONFIGS[name]
     config = config_of(name, **overrides)
     benchmark.group = f"pretrain step {name}"
