@@ -12,7 +12,13 @@ from .models import (
     mae_vit_tiny_patch16,
 )
 from .pos_embed import interpolate_pos_embed
-from .video import VIDEO_MODEL_CONFIGS, VideoMAE
+from .video import (
+    VIDEO_MODEL_CONFIGS,
+    VideoMAE,
+    mae_videomae_base_patch16,
+    mae_videomae_small_patch16,
+    mae_videomae_tiny_patch16,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -23,6 +29,9 @@ __all__ = [
     "VIDEO_MODEL_CONFIGS",
     "VideoMAE",
     "interpolate_pos_embed",
+    "mae_videomae_base_patch16",
+    "mae_videomae_small_patch16",
+    "mae_videomae_tiny_patch16",
     "mae_vit_base_patch16",
     "mae_vit_huge_patch14",
     "mae_vit_large_patch16",

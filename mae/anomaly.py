@@ -4,7 +4,9 @@ images reconstructs badly are likely out of distribution or defective.
 An image is masked several times so that every patch is hidden at least `coverage` times: a
 pass puts the patches in a random order (one per image) and round k of the pass hides the
 window of ranks [k * n, (k + 1) * n) (mod L) for n = L - len_keep, so ceil(L / n) rounds hide
-every patch at least once. A patch's score is its mean squared reconstruction error over the
+every patch at least once. That schedule is random masking's noise, which the passes use
+whatever sampler the model was trained with (grid masking never hides some patches, block
+masking takes other noise). A patch's score is its mean squared reconstruction error over the
 rounds that hid it, in (normalised) pixels: with norm_pix_loss the prediction is first mapped
 back with the patch's own mean and std. The pixel map spreads the patch scores bilinearly over
 the image; the image score is the highest patch score.
@@ -15,6 +17,7 @@ against the defect masks, with scikit-learn's roc_auc_score.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -32,6 +35,7 @@ from mae_kernels import reference
 from .data import build_dataset, center_resize, denormalize, to_tensor
 from .pretrain import model_from_checkpoint
 from .video import VideoMAE
+from .visualize import read_image
 
 DEFECTS = ("blob", "scratch", "missing")
 
@@ -40,6 +44,16 @@ class AnomalyMaps(NamedTuple):
     patch_scores: torch.Tensor  # (B, L)
     pixel_map: torch.Tensor  # (B, H, W)
     image_score: torch.Tensor  # (B,)
+
+
+@contextlib.contextmanager
+def _random_masking(model):
+    saved = model.mask_type
+    model.mask_type = "random"
+    try:
+        yield
+    finally:
+        model.mask_type = saved
 
 
 @torch.no_grad()
@@ -60,16 +74,17 @@ def anomaly_maps(model, imgs: torch.Tensor, mask_ratio: float = 0.75, coverage: 
     # NOTE: errors in pixels, not in norm-pix units: measured on the README encoder (200
     # held-out images, coverage 4), image AUROC 0.817 vs 0.788, pixel AUROC 0.829 vs 0.824.
     mean, std = reference.norm_pix_stats(target)
-    for _ in range(coverage):
-        order = torch.rand(B, L, generator=generator).argsort(dim=1).argsort(dim=1)
-        for k in range(rounds):
-            # hidden: ranks k*hide .. (k+1)*hide - 1 (mod L); kept: the smallest noise
-            noise = ((order - (k + 1) * hide) % L).float() / L
-            _, pred, mask = model.predict(imgs, mask_ratio, noise.to(imgs.device))
-            pred = pred.float() * std + mean if model.norm_pix_loss else pred.float()
-            error = ((pred - target) ** 2).mean(dim=-1)
-            error_sum += error * mask
-            hidden += mask
+    with _random_masking(model):
+        for _ in range(coverage):
+            order = torch.rand(B, L, generator=generator).argsort(dim=1).argsort(dim=1)
+            for k in range(rounds):
+                # hidden: ranks k*hide .. (k+1)*hide - 1 (mod L); kept: the smallest noise
+                noise = ((order - (k + 1) * hide) % L).float() / L
+                _, pred, mask = model.predict(imgs, mask_ratio, noise.to(imgs.device))
+                pred = pred.float() * std + mean if model.norm_pix_loss else pred.float()
+                error = ((pred - target) ** 2).mean(dim=-1)
+                error_sum += error * mask
+                hidden += mask
     model.train(was_training)
     scores = error_sum / hidden.clamp(min=1)
     grid = model.grid_size
@@ -120,8 +135,8 @@ def evaluate_synthetic(model, size: int, count: int = 200, coverage: int = 2,
     try:
         from sklearn.metrics import roc_auc_score
     except ImportError as exc:
-        raise SystemExit(f"mae anomaly --synthetic needs scikit-learn ({exc}): pip install -e "
-                         f"\".[anomaly]\"") from exc
+        raise SystemExit(f"error: mae anomaly --synthetic needs scikit-learn ({exc}): pip "
+                         f"install -e \".[anomaly]\"") from exc
 
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -188,12 +203,7 @@ def anomaly(args) -> dict:
         result = evaluate_synthetic(model, size[0], args.synthetic, args.coverage,
                                     args.mask_ratio, args.seed, args.batch_size)
     elif args.image:
-        try:
-            with Image.open(args.image) as img:
-                img = img.convert("RGB")
-        except OSError as exc:
-            raise SystemExit(f"--image {args.image}: cannot read it ({exc})") from exc
-        x = to_tensor(center_resize(img, size))[None].to(args.device)
+        x = read_image(args.image, size).to(args.device)
         maps = anomaly_maps(model, x, args.mask_ratio, args.coverage, generator)
         score = float(maps.image_score[0])
         path = save_anomaly_figure(x[0], maps.pixel_map[0], args.output, score)

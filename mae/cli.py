@@ -1,11 +1,20 @@
 """The `mae` command: pretrain, finetune, linprobe, visualize, export, ablate, anomaly. Flags follow
 facebookresearch/mae's main_pretrain.py / main_finetune.py / main_linprobe.py (both --data-path
 and --data_path spellings work). Flags left unset get the built-in demo's settings when the run
-is the demo (no --data-path, no --model), else the official recipe's."""
+is the demo (no --data-path, no --model), else the official recipe's.
+
+Every flag and --config value is checked before anything runs or is written, with one `error:`
+line naming the flag or key. Exit codes: 2 for a value wrong by itself (argparse's convention:
+its own errors, our `type=` checks, --config flag values), 1 for what the model or command
+refuses (an MAE config key, a --mask-ratio that keeps no patch of the model) or a run that
+fails (missing data, an unreadable checkpoint, a non-finite loss)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -15,15 +24,114 @@ from .checkpoint import TRUST_FLAG, CheckpointError
 from .models import DEFAULT_CONFIG, MASK_TYPES
 
 
+class UsageError(SystemExit):
+    """A bad flag or config value: `main` prints it as one `error:` line and returns 2."""
+
+
+def _checked(kind, test, rule: str):
+    """An argparse `type=` that also checks config-file values: strings parse as on the command
+    line; other values must already be of the kind (a bool is not a number, 32.7 not an int)."""
+    def parse(value):
+        if isinstance(value, str):
+            try:
+                number = kind(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}") from None
+        elif isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}")
+        else:
+            number = kind(value)
+        if not math.isfinite(number) or not test(number):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}")
+        return number
+
+    parse.__name__ = rule
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0, "a number > 0")
+non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
+probability = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+below_one = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+# 0 masks nothing (the loss is 0/0), 1 keeps nothing; the token count is checked per model.
+mask_ratio = _checked(float, lambda v: 0 < v < 1,
+                      "in (0, 1): a ratio that masks at least one token and keeps one")
+
+
+def device(text) -> str:
+    """--device: cpu, cuda, cuda:N (a GPU that is there) or mps (where available)."""
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda, cuda:N or "
+                                         f"mps") from None
+    if parsed.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: this torch is a CPU-only build "
+                                             f"(torch {torch.__version__}); use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is visible")
+        if parsed.index is not None and parsed.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: only {count} GPU(s) are visible")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here")
+    elif parsed.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: mae runs on cpu, cuda or mps")
+    return text
+
+
+def output_dir(text) -> str:
+    """--output-dir: a folder, or one that can be made (nothing on its path is a file); made
+    only when the run starts writing."""
+    if not isinstance(text, str):
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r}")
+    path = Path(text)
+    existing = next(p for p in (path, *path.parents, Path.cwd()) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, a file"
+        raise argparse.ArgumentTypeError(f"{text!r} {where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not writable")
+    return text
+
+
+def default_threads(num_workers: int) -> int:
+    """torch's intra-op threads when --threads is not given: OMP_NUM_THREADS where set (torchrun
+    sets it), else this process's share of the cores less its DataLoader workers, at least 1."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]):
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, per_process - num_workers)
+
+
+def _threads(parser):
+    # NOTE: measured on a shared 2-core machine, the demo's pre-training (768 images, batch 64,
+    # 2 DataLoader workers): 1 torch thread ran 54 and 62 images/s (25 and 28 s), 2 threads
+    # 24 images/s (46 s) and once over 120 s; hence the cores less the workers by default.
+    _flag(parser, "threads", type=positive_int, default=None,
+          help="torch's intra-op threads (default: OMP_NUM_THREADS if set, else the cores "
+               "less --num-workers, at least 1)")
+
+
 def _flag(parser, name: str, **kwargs):
     """--some-flag and --some_flag, as the official scripts spell them."""
     names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
     parser.add_argument(*names, **kwargs)
 
 
+def _device(parser):
+    _flag(parser, "device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _common(parser):
-    _flag(parser, "device", default="cuda" if torch.cuda.is_available() else "cpu")
-    _flag(parser, "seed", type=int, default=0)
+    _device(parser)
+    _threads(parser)
+    _flag(parser, "seed", type=non_negative_int, default=0)
     _flag(parser, "data-path", default=None,
           help="image folder (DIR/train/<class>/*, DIR/val/<class>/*); default: the built-in "
                "shapes data set")
@@ -39,26 +147,27 @@ def _trust(parser):
 
 def _training(parser, batch_size: int, blr, weight_decay: float, min_lr: float):
     """The flags every training command shares; None defaults are filled in by the command."""
-    _flag(parser, "batch-size", type=int, default=batch_size, help="per process")
-    _flag(parser, "epochs", type=int, default=None)
-    _flag(parser, "accum-iter", type=int, default=1)
-    _flag(parser, "input-size", type=int, default=None)
-    _flag(parser, "patch-size", type=int, default=None,
+    _flag(parser, "batch-size", type=positive_int, default=batch_size, help="per process")
+    _flag(parser, "epochs", type=positive_int, default=None)
+    _flag(parser, "accum-iter", type=positive_int, default=1)
+    _flag(parser, "input-size", type=positive_int, default=None)
+    _flag(parser, "patch-size", type=positive_int, default=None,
           help="a patch size other than the model's own")
-    _flag(parser, "weight-decay", type=float, default=weight_decay)
-    _flag(parser, "lr", type=float, default=None, help="absolute lr (default: blr * batch / 256)")
-    _flag(parser, "blr", type=float, default=blr, help="base lr")
-    _flag(parser, "min-lr", type=float, default=min_lr)
-    _flag(parser, "warmup-epochs", type=float, default=None)
+    _flag(parser, "weight-decay", type=non_negative_float, default=weight_decay)
+    _flag(parser, "lr", type=positive_float, default=None,
+          help="absolute lr (default: blr * batch / 256)")
+    _flag(parser, "blr", type=positive_float, default=blr, help="base lr")
+    _flag(parser, "min-lr", type=non_negative_float, default=min_lr)
+    _flag(parser, "warmup-epochs", type=non_negative_float, default=None)
     _flag(parser, "amp", choices=["bf16", "fp16", "none"], default="none")
     _flag(parser, "compile", action="store_true")
-    _flag(parser, "output-dir", default="./output_dir")
+    _flag(parser, "output-dir", type=output_dir, default="./output_dir")
     _flag(parser, "resume", default="", help="a checkpoint, or 'auto' for the run's newest")
-    _flag(parser, "save-every", type=int, default=20,
+    _flag(parser, "save-every", type=positive_int, default=20,
           help="epochs between numbered checkpoints (checkpoint-last.pth is written every epoch)")
-    _flag(parser, "log-every", type=int, default=20, help="steps between log lines")
-    _flag(parser, "num-workers", type=int, default=2)
-    _flag(parser, "dataset-size", type=int, default=None, help="built-in data set size")
+    _flag(parser, "log-every", type=positive_int, default=20, help="steps between log lines")
+    _flag(parser, "num-workers", type=non_negative_int, default=2)
+    _flag(parser, "dataset-size", type=positive_int, default=None, help="built-in data set size")
 
 
 def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser:
@@ -74,19 +183,20 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _flag(pre, "model", default=None,
           help="demo: mae_vit_tiny_patch16 at 32px, patch 8; otherwise the official default "
                "mae_vit_large_patch16 at 224px (video: mae_videomae_{tiny,small,base}_patch16)")
-    _flag(pre, "decoder-depth", type=int, default=None, help="a decoder depth other than the "
-                                                             "model's")
-    _flag(pre, "mask-ratio", type=float, default=None,
+    _flag(pre, "decoder-depth", type=non_negative_int, default=None,
+          help="a decoder depth other than the model's (0: no decoder blocks, as the official "
+               "code builds it)")
+    _flag(pre, "mask-ratio", type=mask_ratio, default=None,
           help="default 0.75 (video: 0.9, VideoMAE's)")
     _flag(pre, "video", action="store_true",
           help="pre-train VideoMAE on clips (built-in: moving shapes; --data-path: folders "
                "of frames or video files) with tube masking")
-    _flag(pre, "num-frames", type=int, default=None, help="video: frames per clip (default 16; "
-                                                          "demo 8)")
-    _flag(pre, "tubelet-size", type=int, default=None, help="video: frames per tubelet "
-                                                            "(default 2)")
-    _flag(pre, "sampling-rate", type=int, default=4, help="video: frames between sampled "
-                                                          "frames")
+    _flag(pre, "num-frames", type=positive_int, default=None,
+          help="video: frames per clip (default 16; demo 8)")
+    _flag(pre, "tubelet-size", type=positive_int, default=None,
+          help="video: frames per tubelet (default 2)")
+    _flag(pre, "sampling-rate", type=positive_int, default=4,
+          help="video: frames between sampled frames")
     _flag(pre, "mask-type", choices=list(MASK_TYPES), default=None,
           help="mask sampling: random (official), block (BEiT-style rectangles) or grid (one "
                "patch of every 2x2 kept; needs --mask-ratio 0.75)")
@@ -109,52 +219,69 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _flag(fine, "random-init", action="store_true",
           help="train the ViT of --finetune from random weights: the from-scratch baseline "
                "with the same architecture, recipe and budget")
-    _flag(fine, "drop-path", type=float, default=0.1)
-    _flag(fine, "clip-grad", type=float, default=None)
-    _flag(fine, "layer-decay", type=float, default=None,
-          help="layer-wise lr decay (default 0.65 for vit_base, else 0.75)")
-    _flag(fine, "color-jitter", type=float, default=None)
+    _flag(fine, "drop-path", type=below_one, default=0.1)
+    _flag(fine, "clip-grad", type=positive_float, default=None)
+    _flag(fine, "layer-decay", type=positive_float, default=None,
+          help="layer-wise lr decay (default 0.65 for a ViT-B encoder, else 0.75; keyed on "
+               "the architecture, named or read from --finetune)")
+    _flag(fine, "color-jitter", type=non_negative_float, default=None)
     _flag(fine, "aa", default=None, help="RandAugment policy ('none': off)")
-    _flag(fine, "smoothing", type=float, default=0.1)
-    _flag(fine, "reprob", type=float, default=None, help="random erasing probability")
+    _flag(fine, "smoothing", type=below_one, default=0.1)
+    _flag(fine, "reprob", type=probability, default=None, help="random erasing probability")
     _flag(fine, "remode", default="pixel")
-    _flag(fine, "recount", type=int, default=1)
-    _flag(fine, "mixup", type=float, default=None)
-    _flag(fine, "cutmix", type=float, default=None)
-    _flag(fine, "cutmix-minmax", type=float, nargs=2, default=None)
-    _flag(fine, "mixup-prob", type=float, default=1.0)
-    _flag(fine, "mixup-switch-prob", type=float, default=0.5)
+    _flag(fine, "recount", type=positive_int, default=1)
+    _flag(fine, "mixup", type=non_negative_float, default=None)
+    _flag(fine, "cutmix", type=non_negative_float, default=None)
+    _flag(fine, "cutmix-minmax", type=probability, nargs=2, default=None)
+    _flag(fine, "mixup-prob", type=probability, default=1.0)
+    _flag(fine, "mixup-switch-prob", type=probability, default=0.5)
     _flag(fine, "mixup-mode", choices=["batch", "pair", "elem"], default="batch")
     _flag(fine, "global-pool", action="store_true", default=True)
     fine.add_argument("--cls-token", "--cls_token", dest="global_pool", action="store_false",
                       help="classify from the cls token instead of the pooled patches")
-    _flag(fine, "nb-classes", type=int, default=None, help="default: the data set's")
+    _flag(fine, "nb-classes", type=positive_int, default=None, help="default: the data set's")
     _flag(fine, "eval", action="store_true", help="evaluate --resume's weights only")
     _flag(fine, "dist-eval", action="store_true",
           help="accepted for main_finetune.py command lines: evaluation is always split "
                "across the processes")
-    _flag(fine, "val-size", type=int, default=None, help="built-in validation set size")
+    _flag(fine, "val-size", type=positive_int, default=None, help="built-in validation set size")
 
     probe = sub.add_parser("linprobe", help="linear probing of a pre-trained encoder")
     _common(probe)
-    _flag(probe, "checkpoint", required=True)
-    _flag(probe, "batch-size", type=int, default=256)
-    _flag(probe, "epochs", type=int, default=90)
-    _flag(probe, "blr", type=float, default=0.1)
-    _flag(probe, "weight-decay", type=float, default=0.0)
-    _flag(probe, "warmup-epochs", type=float, default=10)
-    _flag(probe, "global-pool", action="store_true", help="mean-pooled patches, not cls token")
+    probe.add_argument("--finetune", "--checkpoint", dest="checkpoint", required=True,
+                       help="pre-trained checkpoint (ours, official MAE, or .safetensors)")
+    _flag(probe, "model", default=None,
+          help="vit_{tiny,small,base,large}_patch16 or vit_huge_patch14, for checkpoints that "
+               "do not say (official ones); ours are read as saved")
+    _flag(probe, "batch-size", type=positive_int, default=None,
+          help="per process (default 512, main_linprobe.py's; demo 256)")
+    _flag(probe, "accum-iter", type=positive_int, default=1)
+    _flag(probe, "epochs", type=positive_int, default=90)
+    _flag(probe, "lr", type=positive_float, default=None,
+          help="absolute lr (default: blr * batch * accum-iter / 256)")
+    _flag(probe, "blr", type=positive_float, default=0.1)
+    _flag(probe, "min-lr", type=non_negative_float, default=0.0)
+    _flag(probe, "weight-decay", type=non_negative_float, default=0.0)
+    _flag(probe, "warmup-epochs", type=non_negative_float, default=10)
+    _flag(probe, "global-pool", action="store_true", default=False,
+          help="mean-pooled patches, not the cls token (the official default)")
+    probe.add_argument("--cls-token", "--cls_token", dest="global_pool", action="store_false",
+                       help="classify from the cls token (the default)")
+    _flag(probe, "nb-classes", type=positive_int, default=None, help="default: the data set's")
+    _flag(probe, "num-workers", type=non_negative_int, default=2)
+    _flag(probe, "dist-eval", action="store_true",
+          help="accepted for main_linprobe.py command lines (linprobe runs in one process)")
     _flag(probe, "random-init", action="store_true",
           help="probe a randomly initialised encoder of the same shape (a baseline)")
-    _flag(probe, "train-size", type=int, default=None)
-    _flag(probe, "val-size", type=int, default=None)
+    _flag(probe, "train-size", type=positive_int, default=None)
+    _flag(probe, "val-size", type=positive_int, default=None)
 
     vis = sub.add_parser("visualize", help="reconstruction figure for one image")
     _flag(vis, "checkpoint", required=True)
     _flag(vis, "image", required=True)
     vis.add_argument("-o", "--output", default="reconstruction.png")
-    _flag(vis, "mask-ratio", type=float, default=0.75)
-    _flag(vis, "seed", type=int, default=0)
+    _flag(vis, "mask-ratio", type=mask_ratio, default=0.75)
+    _flag(vis, "seed", type=non_negative_int, default=0)
     _trust(vis)
 
     export = sub.add_parser("export", help="write a checkpoint's weights as .safetensors")
@@ -163,16 +290,17 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _trust(export)
 
     ablate = sub.add_parser("ablate", help="the paper's ablation tables on the built-in data")
-    _flag(ablate, "output-dir", default="runs/ablate")
+    _flag(ablate, "output-dir", type=output_dir, default="runs/ablate")
     _flag(ablate, "mask-ratios", default="0.15,0.5,0.75,0.9")
     _flag(ablate, "decoder-depths", default="1,2,4")
     _flag(ablate, "mask-types", default="random,block,grid")
-    _flag(ablate, "epochs", type=int, default=20)
-    _flag(ablate, "dataset-size", type=int, default=2048)
-    _flag(ablate, "probe-epochs", type=int, default=60)
-    _flag(ablate, "probe-val-size", type=int, default=1000)
-    _flag(ablate, "num-workers", type=int, default=1)
-    _flag(ablate, "device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _flag(ablate, "epochs", type=positive_int, default=20)
+    _flag(ablate, "dataset-size", type=positive_int, default=2048)
+    _flag(ablate, "probe-epochs", type=positive_int, default=60)
+    _flag(ablate, "probe-val-size", type=positive_int, default=1000)
+    _flag(ablate, "num-workers", type=non_negative_int, default=1)
+    _device(ablate)
+    _threads(ablate)
     _flag(ablate, "quiet", action="store_true")
 
     anomaly = sub.add_parser("anomaly", help="anomaly maps from reconstruction error")
@@ -181,14 +309,15 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     anomaly.add_argument("-o", "--output", default="anomaly.png")
     _flag(anomaly, "data-path", default=None, help="a folder of images: writes --csv")
     _flag(anomaly, "csv", default="anomaly.csv")
-    _flag(anomaly, "synthetic", type=int, default=None,
+    _flag(anomaly, "synthetic", type=positive_int, default=None,
           help="evaluate on N held-out built-in images, half with synthetic defects: image and "
                "pixel AUROC (needs scikit-learn)")
-    _flag(anomaly, "coverage", type=int, default=4, help="times every patch is masked")
-    _flag(anomaly, "mask-ratio", type=float, default=0.75)
-    _flag(anomaly, "batch-size", type=int, default=50)
-    _flag(anomaly, "seed", type=int, default=0)
-    _flag(anomaly, "device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _flag(anomaly, "coverage", type=positive_int, default=4, help="times every patch is masked")
+    _flag(anomaly, "mask-ratio", type=mask_ratio, default=0.75)
+    _flag(anomaly, "batch-size", type=positive_int, default=50)
+    _flag(anomaly, "seed", type=non_negative_int, default=0)
+    _device(anomaly)
+    _threads(anomaly)
     _trust(anomaly)
 
     for command, values in (config_defaults or {}).items():
@@ -197,10 +326,40 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     return parser
 
 
+def config_value(action: argparse.Action, key: str, value):
+    """A --config value for a flag, checked as strictly as the command line checks it: through
+    the flag's own `type=`, a real bool for switches, one of its choices."""
+    def bad(rule: str):
+        return UsageError(f"--config: {key} must be {rule}, got {value!r}")
+
+    if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if value is None:
+        return None
+    values = value if action.nargs is not None else [value]
+    if action.nargs is not None and (not isinstance(value, list) or len(value) != action.nargs):
+        raise bad(f"a list of {action.nargs}")
+    checked = []
+    for item in values:
+        if action.type is None and not isinstance(item, str):
+            raise bad("a string")
+        if action.type is not None:
+            try:
+                item = action.type(item)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"--config: {key} {exc}") from None
+        if action.choices is not None and item not in action.choices:
+            raise bad(f"one of {list(action.choices)}")
+        checked.append(item)
+    return checked if action.nargs is not None else checked[0]
+
+
 def read_config(path, parser: argparse.ArgumentParser, command: str) -> dict:
     """A --config file as parser defaults: flag names (dashes or underscores) set flags, MAE
-    config keys (DEFAULT_CONFIG, e.g. encoder_dim) go to `model_config`. Parsed with
-    yaml.safe_load / json, which build plain data only."""
+    config keys (DEFAULT_CONFIG, e.g. encoder_dim) go to `model_config`, checked by the model.
+    Parsed with yaml.safe_load / json, which build plain data only."""
     import yaml
 
     path = Path(path)
@@ -208,9 +367,9 @@ def read_config(path, parser: argparse.ArgumentParser, command: str) -> dict:
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise SystemExit(f"error: --config {path}: {exc}") from exc
+        raise UsageError(f"--config {path}: {exc}") from exc
     if not isinstance(values, dict):
-        raise SystemExit(f"error: --config {path} must hold a mapping of keys to values")
+        raise UsageError(f"--config {path} must hold a mapping of keys to values")
     actions = {a.dest: a for a in parser.commands[command]._actions}
     defaults, model_config = {}, {}
     for key, value in values.items():
@@ -218,27 +377,56 @@ def read_config(path, parser: argparse.ArgumentParser, command: str) -> dict:
         if dest == "img_size":
             dest = "input_size"
         if dest == "use_kernels":
+            if not isinstance(value, bool):
+                raise UsageError(f"--config {path}: use_kernels must be true or false, got "
+                                 f"{value!r}")
             dest, value = "no_kernels", not value
         if dest in actions and dest not in ("help", "config", "model_config"):
-            action = actions[dest]
-            if action.type in (int, float) and value is not None:
-                try:
-                    value = action.type(value)
-                except (TypeError, ValueError):
-                    raise SystemExit(f"error: --config {path}: {key} must be a number, "
-                                     f"got {value!r}") from None
-            if action.choices is not None and value not in action.choices:
-                raise SystemExit(f"error: --config {path}: {key} must be one of "
-                                 f"{list(action.choices)}, got {value!r}")
-            defaults[dest] = value
+            try:
+                defaults[dest] = config_value(actions[dest], key, value)
+            except UsageError as exc:
+                raise UsageError(str(exc).replace("--config:", f"--config {path}:", 1)) from None
         elif dest in DEFAULT_CONFIG:
             model_config[dest] = value
         else:
-            raise SystemExit(f"error: --config {path}: unknown key {key!r} (neither a "
+            raise UsageError(f"--config {path}: unknown key {key!r} (neither a "
                              f"`mae {command}` flag nor an MAE config key)")
     if model_config:
         defaults["model_config"] = model_config
     return defaults
+
+
+def check_mask_ratio(args) -> None:
+    """`mae pretrain`'s model as the run will build it (on a copy of the arguments): its config
+    keys are valid and --mask-ratio masks at least one token and keeps one (ValueError)."""
+    from .models import is_video
+    from .pretrain import apply_defaults
+
+    resolved = copy.copy(args)
+    apply_defaults(resolved)
+    config = resolved.model_config
+    grid = [side // config["patch_size"] for side in
+            (config["img_size"] if isinstance(config["img_size"], list)
+             else [config["img_size"]] * 2)]
+    per_frame = grid[0] * grid[1]
+    ratio = resolved.mask_ratio
+    if is_video(config):  # VideoMAE masks int(S * ratio) of each frame's S patches
+        masked, kept = int(per_frame * ratio), per_frame - int(per_frame * ratio)
+        tokens = f"{per_frame} patches per frame"
+    else:  # the official len_keep = int(L * (1 - ratio))
+        kept = int(per_frame * (1 - ratio))
+        masked, tokens = per_frame - kept, f"{per_frame} patches"
+    if masked < 1 or kept < 1:
+        raise ValueError(f"--mask-ratio {ratio} masks {masked} and keeps {kept} of {tokens}: "
+                         f"it must mask at least one and keep at least one")
+
+
+def validate(args) -> None:
+    """The checks that need more than one flag, before anything runs; fills in --threads."""
+    if hasattr(args, "threads") and args.threads is None:
+        args.threads = default_threads(getattr(args, "num_workers", 0))
+    if args.command == "pretrain":
+        check_mask_ratio(args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -249,14 +437,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = build_parser({args.command: defaults}).parse_args(argv)
     if getattr(args, "resume", None) == "":
         args.resume = None
+    validate(args)
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     from .engine import NonFiniteLossError
 
     try:
+        args = parse_args(argv)
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
         if args.command == "pretrain":
             from .pretrain import pretrain
 
@@ -275,8 +466,10 @@ def main(argv=None) -> int:
             visualize(args)
         elif args.command == "export":
             from .checkpoint import export_safetensors, load_checkpoint
+            from .pretrain import check_saved_args
 
             state = load_checkpoint(args.checkpoint, trust=args.unsafe_trust_checkpoint)
+            check_saved_args(state, args.checkpoint)
             print(f"wrote {export_safetensors(state, args.output)}")
         elif args.command == "anomaly":
             from .anomaly import anomaly
@@ -286,6 +479,9 @@ def main(argv=None) -> int:
             from .ablate import ablate
 
             ablate(args, parse_args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,10 @@
 """Datasets and the official MAE augmentation, in Pillow (no torchvision needed).
 
 - `ImageFolderDataset`: DIR/train/<class>/*.jpg|png (or DIR/<class>/..., or a flat folder).
-  Unreadable images are skipped with a warning and counted, never crash a run.
+  Unreadable images are skipped with a warning and counted, never crash a run (an epoch in
+  which none was readable stops it: see `engine.train_one_epoch`). A class folder without an
+  image is an error, as in torchvision's `ImageFolder`. 16-bit greyscale images are scaled to
+  8 bits.
 - `ShapesDataset`: the built-in data set: procedurally drawn shapes and textures in ten classes,
   deterministic per index, so a first run needs no download.
 Augmentation randomness is drawn from (seed, epoch, index), so a resumed run sees exactly the
@@ -18,16 +21,33 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mae_kernels.augment import IMAGENET_MEAN, IMAGENET_STD
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+# Pillow's integer modes: 16-bit greyscale (PNG, TIFF) opens as "I;16*" or, in older Pillows, "I"
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB. `convert("RGB")` clips 16-bit values at 255 (a mid-grey
+    16-bit PNG would load white), so those are scaled to 8 bits first."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.float32).clip(0, 65535) / 257
+        img = Image.fromarray(values.round().astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float32, normalised with the ImageNet mean and std."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return normalize(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """(…, 3, H, W) in [0, 1] -> normalised with the ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
 
@@ -119,6 +139,8 @@ class ImageFolderDataset(Augmented):
             self.samples = [(p, i) for i, c in enumerate(classes)
                             for p in sorted((base / c).rglob("*"))
                             if p.suffix.lower() in IMAGE_SUFFIXES]
+            check_no_empty_class(base, classes, {label for _, label in self.samples},
+                                 IMAGE_SUFFIXES)
         else:
             self.samples = [(p, 0) for p in sorted(base.iterdir())
                             if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -133,10 +155,20 @@ class ImageFolderDataset(Augmented):
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB"), label
+                return to_rgb(img), label
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             warnings.warn(f"skipping unreadable image {path}: {exc}", RuntimeWarning, stacklevel=2)
             return None, label
+
+
+def check_no_empty_class(base: Path, classes: list[str], found: set[int], suffixes) -> None:
+    """A class folder holding no sample would still be a class (a label no sample has, a
+    classifier output that never trains): an error, as torchvision's `ImageFolder` makes it."""
+    empty = [c for i, c in enumerate(classes) if i not in found]
+    if empty:
+        raise FileNotFoundError(f"found no valid file for the classes {', '.join(empty)} under "
+                                f"{base}; supported extensions are: "
+                                f"{', '.join(sorted(suffixes))}")
 
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes",

@@ -18,10 +18,13 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import (
     CheckpointError,
-    latest_checkpoint,
+    checkpoints_newest_first,
     load_checkpoint,
-    model_weights,
+    load_weights,
+    remove_stale_temporaries,
     save_training_state,
+    weights_kind,
+    write_atomically,
 )
 from .data import collate_skipping
 from .optim import lr_at, set_lr
@@ -49,18 +52,38 @@ class JsonLog:
 
     def write(self, **record) -> None:
         if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # made when a run first writes
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def drop_from(self, epoch: int) -> None:
+        """Forgets the records of `epoch` and later (a resumed run writes them again) and any
+        line a kill cut short."""
+        if self.path is None or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict) or record.get("epoch", -1) < epoch:
+                kept.append(line + "\n")
+        write_atomically(self.path, lambda f: f.write("".join(kept).encode()))
+
 
 def start_run(args):
-    """Joins the process group (torchrun), makes the output folder and the log (rank 0 writes)
-    and seeds torch; returns (rank, world_size, device, log)."""
+    """Joins the process group (torchrun), opens the log (rank 0 writes) and seeds torch;
+    returns (rank, world_size, device, log). The output folder is made by the first write
+    (log, checkpoint, figure), so a run that fails before training leaves no folder."""
     rank, world_size, device = distributed.init(args.device)
     args.world_size = world_size
     output_dir = Path(args.output_dir)
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(output_dir)
+        if stale:
+            print(f"removed {len(stale)} partial file(s) an interrupted save left in "
+                  f"{output_dir}: {', '.join(p.name for p in stale)}")
     log = JsonLog(output_dir / "log.jsonl" if rank == 0 else None)
     torch.manual_seed(args.seed)
     return rank, world_size, device, log
@@ -92,7 +115,7 @@ def wrap_for_training(model, args, world_size: int, device):
 
 def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, lr, loss_fn):
     """One pass over the loader, `loss_fn(model, imgs, labels) -> loss` per step; returns the
-    epoch's mean loss and the skipped-image count."""
+    epoch's mean loss and the skipped-image count (an epoch that read no image is an error)."""
     model.train()
     amp_dtype = AMP_DTYPES[args.amp]
     steps_per_epoch = len(loader)
@@ -156,25 +179,74 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
             window_sum.zero_()
             window_steps = window_seen = 0
             window_start = time.perf_counter()
+    # With every file unreadable the loop "trains" at loss 0 and would save an untrained model.
+    if int(distributed.all_reduce_max(torch.tensor(seen, device=device))) == 0:
+        mean = distributed.all_reduce_mean(torch.tensor(float(skipped), device=device))
+        unreadable = round(float(mean) * args.world_size)
+        raise ValueError(f"epoch {epoch} read no image: all {unreadable} files it drew from "
+                         f"--data-path {args.data_path} were unreadable (see the warnings); "
+                         f"nothing of this epoch was saved")
     mean_loss = float(distributed.all_reduce_mean(loss_sum / max(seen, 1)))
     return mean_loss, skipped
 
 
-def resume_from(args, model, optimizer, scaler, main: bool) -> int:
-    """Loads `--resume` (a path, or 'auto': the run's newest checkpoint) into the model,
-    optimizer and loss scaler; returns the epoch to start at (0 without a checkpoint). The
-    fp16 loss scaler's state carries over only where both runs scale (`--amp fp16`)."""
-    path = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
-    if not path:
+def _resume_state(args, main: bool):
+    """(contents, path) of `--resume`; for 'auto' the run's newest checkpoint that loads, saying
+    which ones it passed over; (None, None) when there is nothing to resume."""
+    if not args.resume:
+        return None, None
+    if args.resume != "auto":
+        return load_checkpoint(args.resume, trust=args.unsafe_trust_checkpoint), args.resume
+    unreadable = []
+    for path in checkpoints_newest_first(args.output_dir):
+        try:
+            state = load_checkpoint(path, trust=args.unsafe_trust_checkpoint)
+        except CheckpointError as exc:
+            unreadable.append(str(exc))
+            continue
+        if unreadable and main:
+            print(f"--resume auto: passed over {len(unreadable)} unreadable checkpoint(s) "
+                  f"({'; '.join(unreadable)}); resuming from {path}, the newest that loads")
+        return state, path
+    if unreadable:
+        raise CheckpointError(f"--resume auto: no checkpoint in {args.output_dir} loads "
+                              f"({'; '.join(unreadable)})")
+    return None, None
+
+
+def check_resumable(args, state: dict, path) -> None:
+    """`--resume` of `mae pretrain` takes pre-training checkpoints, of `mae finetune` fine-tuning
+    ones; the other kind is an error naming the flag that takes it."""
+    held = weights_kind(state)
+    if held == "fine-tuning" and args.command != "finetune":
+        raise CheckpointError(f"--resume {path} holds fine-tuning weights (a classifier), not a "
+                              f"`mae pretrain` run: continue it with `mae finetune --resume`")
+    if held == "pre-training" and args.command == "finetune":
+        raise CheckpointError(f"--resume {path} holds pre-training weights (an MAE): to "
+                              f"fine-tune from them use --finetune {path}")
+
+
+def resume_from(args, model, optimizer, scaler, main: bool, log: JsonLog) -> int:
+    """Loads `--resume` (a path, or 'auto': the run's newest checkpoint that loads) into the
+    model, optimizer and loss scaler; returns the epoch to start at (0 without a checkpoint),
+    after dropping the log's records from that epoch on. The fp16 loss scaler's state carries
+    over only where both runs scale (`--amp fp16`)."""
+    state, path = _resume_state(args, main)
+    if state is None:
         return 0
-    state = load_checkpoint(path, trust=args.unsafe_trust_checkpoint)
+    check_resumable(args, state, path)
     missing = {"optimizer", "epoch"} - set(state)
     if missing:
         raise CheckpointError(f"--resume {path}: not a training checkpoint (no "
                               f"{', '.join(sorted(missing))}); to start from its weights use "
                               f"the command's weight-loading flag instead")
-    model.load_state_dict(model_weights(state))
-    optimizer.load_state_dict(state["optimizer"])
+    load_weights(model, state, f"--resume {path}",
+                 "the model this run builds (pass the flags or --config it was trained with)")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"--resume {path}: its optimizer state does not fit this run's "
+                              f"optimizer ({exc})") from exc
     saved_scaler = state.get("scaler") or {}
     saved_amp = (state.get("args") or {}).get("amp", "unknown")
     note = ""
@@ -187,6 +259,7 @@ def resume_from(args, model, optimizer, scaler, main: bool) -> int:
         note = f"; its fp16 loss-scaler state is not used with --amp {args.amp}"
     if main:
         print(f"resumed from {path} (epoch {state['epoch']}, step {state.get('step')}){note}")
+    log.drop_from(state["epoch"] + 1)
     return state["epoch"] + 1
 
 

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from mae_kernels import reference  # noqa: E402
 
-from .data import denormalize  # noqa: E402
+from .data import denormalize, normalize  # noqa: E402
 
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
@@ -32,21 +32,28 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise=None)
     pred, imgs = pred.float(), imgs.float()
     if imgs.dim() == 5:
         tubelet = (model.tubelet_size, model.patch_size, model.patch_size)
-        target = reference.patchify3d(imgs, tubelet)
 
         def unpatchify(x):  # frames first, so that denormalize sees (..., 3, H, W)
             return reference.unpatchify3d(x, tubelet, model.grid_size,
                                           model.in_chans).transpose(1, 2)
+        # VideoMAE predicts un-normalised pixels (per channel of each tubelet with norm-pix):
+        # back to those pixels, then into the input's normalisation like the other panels
+        raw = reference.videomae_targets(imgs, model.tubelet_size, model.patch_size, False,
+                                         torch.float32, model.data_mean, model.data_std)
+        if model.norm_pix_loss:
+            mean, std = reference.videomae_stats(raw, model.in_chans)
+            pred = pred * std + mean
+        recon = unpatchify(pred)
+        if model.data_mean is not None:
+            recon = normalize(recon)
         imgs = imgs.transpose(1, 2)
     else:
-        target = reference.patchify(imgs, model.patch_size)
-
         def unpatchify(x):
             return reference.unpatchify(x, model.patch_size, model.grid_size, model.in_chans)
-    if model.norm_pix_loss:  # pred is in per-patch normalised units: undo with the target's stats
-        mean, std = reference.norm_pix_stats(target)
-        pred = pred * std + mean
-    recon = unpatchify(pred)
+        if model.norm_pix_loss:  # per-patch normalised units: undo with the target's stats
+            mean, std = reference.norm_pix_stats(reference.patchify(imgs, model.patch_size))
+            pred = pred * std + mean
+        recon = unpatchify(pred)
     removed = unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
     grey = torch.full_like(imgs, 0.5)
     return (denormalize(imgs), denormalize(imgs) * (1 - removed) + grey * removed,

@@ -16,10 +16,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_checkpoint, model_weights
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_weights
 from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from .engine import (
     AMP_DTYPES,
+    check_resumable,
     make_loader,
     resume_from,
     save_epoch,
@@ -44,8 +45,11 @@ DEMO_DEFAULTS = dict(model="vit_tiny_patch16", input_size=32, patch_size=8, epoc
 OFFICIAL_DEFAULTS = dict(model="vit_large_patch16", input_size=224, epochs=50, warmup_epochs=5,
                          blr=1e-3, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1",
                          reprob=0.25)
-# FINETUNE.md: 0.65 for ViT-B, 0.75 for ViT-L/H (and main_finetune.py's default elsewhere).
-LAYER_DECAY = {"vit_base_patch16": 0.65}
+# FINETUNE.md: 0.65 for ViT-B, 0.75 for ViT-L/H (and main_finetune.py's default elsewhere),
+# keyed on the encoder's (width, depth), however it was named or read from the checkpoint.
+VIT_B = (MODEL_CONFIGS["mae_vit_base_patch16"]["encoder_dim"],
+         MODEL_CONFIGS["mae_vit_base_patch16"]["encoder_layers"])
+LAYER_DECAY = {VIT_B: 0.65}
 
 
 def require_timm():
@@ -188,7 +192,8 @@ def apply_defaults(args, pretrained_config: dict | None) -> None:
         config["patch_size"] = args.patch_size
     args.vit_config = encoder_of(resolve_config(config))
     if args.layer_decay is None:
-        args.layer_decay = LAYER_DECAY.get((args.model or "").removeprefix("mae_"), 0.75)
+        architecture = (args.vit_config["encoder_dim"], args.vit_config["encoder_layers"])
+        args.layer_decay = LAYER_DECAY.get(architecture, 0.75)
 
 
 def finetune(args) -> dict:
@@ -238,13 +243,15 @@ def finetune(args) -> dict:
         if not source:
             raise ValueError("--eval needs the fine-tuned weights: --resume CHECKPOINT")
         if args.resume:
-            model.load_state_dict(model_weights(load_checkpoint(
-                args.resume, trust=args.unsafe_trust_checkpoint)))
+            state = load_checkpoint(args.resume, trust=args.unsafe_trust_checkpoint)
+            check_resumable(args, state, args.resume)
+            load_weights(model, state, f"--resume {args.resume}",
+                         "the ViT of --model (pass the --model it was fine-tuned as)")
         stats = {"checkpoint": str(source), **evaluate(model, val_loader, device, amp_dtype)}
         if main:
             print(json.dumps(stats))
         return stats
-    start_epoch = resume_from(args, model, optimizer, scaler, main)
+    start_epoch = resume_from(args, model, optimizer, scaler, main, log)
     train_model = wrap_for_training(model, args, world_size, device)
 
     mixup = None

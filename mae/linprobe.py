@@ -1,79 +1,215 @@
-"""`mae linprobe`: the frozen encoder's cls-token (or mean-pooled) features, a BatchNorm without
-affine parameters and a linear classifier on top, as in the official recipe; reports top-1."""
+"""`mae linprobe`: a linear classifier on the frozen encoder's cls-token (or mean-pooled)
+features, behind a BatchNorm without affine parameters, as facebookresearch/mae's
+main_linprobe.py trains it; reports top-1 on the held-out split.
+
+Two recipes. With --data-path or --model, main_linprobe.py's: batch 512 (x --accum-iter), LARS,
+base lr 0.1, no weight decay, 90 epochs with 10 of warm-up, each step's images through
+RandomResizedCrop (bicubic, area 8-100%) and a flip then the frozen encoder, evaluation on the
+resized centre crop. Without either (the built-in demo) the settings the README measured:
+batch 256, SGD with momentum 0.9 on features extracted once from the un-augmented images.
+"""
 from __future__ import annotations
 
 import json
+import random
 
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import build_dataset, collate_skipping
-from .optim import lr_at, set_lr
+from .checkpoint import CheckpointError, load_checkpoint, model_weights
+from .data import build_dataset, collate_skipping, random_resized_crop, to_tensor
+from .models import MAE, MODEL_CONFIGS, config_of
+from .optim import LARS, lr_at, set_lr
 from .pretrain import model_from_checkpoint
 from .video import VideoMAE
 
+DEMO_BATCH, OFFICIAL_BATCH = 256, 512
+OFFICIAL_SIZE = 224  # main_linprobe.py crops to 224 whatever the model
+CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as main_linprobe.py uses it
 
-@torch.no_grad()
-def extract_features(model, dataset, device, batch_size: int, global_pool: bool, quiet: bool):
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        collate_fn=collate_skipping)
+
+def apply_defaults(args) -> bool:
+    """The recipe's batch size where --batch-size is unset; True for the demo."""
+    demo = args.data_path is None and args.model is None
+    if args.batch_size is None:
+        args.batch_size = DEMO_BATCH if demo else OFFICIAL_BATCH
+    return demo
+
+
+def build_head(width: int, num_classes: int) -> nn.Sequential:
+    """main_linprobe.py's head: BatchNorm1d(affine=False, eps=1e-6), then a linear layer with
+    trunc-normal(0.01) weights (MoCo v3's) and zero bias."""
+    head = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6),
+                         nn.Linear(width, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+class ProbeTrainSet(torch.utils.data.Dataset):
+    """main_linprobe.py's weak augmentation over an image data set's PIL images: random
+    resized crop and horizontal flip, drawn from (seed, epoch, index) so runs repeat."""
+
+    def __init__(self, base, size, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        img, label = self.base.load(index)
+        if img is None:
+            return None
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+        img = random_resized_crop(img, self.size, rng, scale=CROP_SCALE)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(img), label
+
+
+def load_encoder(args):
+    """(model, input size): ours as its checkpoint saved it; a checkpoint that does not say
+    (an official one) as the named --model at 224px, its encoder weights loaded."""
+    if args.model is None:
+        model, saved = model_from_checkpoint(args.checkpoint, load_weights=not args.random_init,
+                                             trust=args.unsafe_trust_checkpoint)
+        return model, saved["input_size"]
+    name = args.model if args.model.startswith("mae_") else f"mae_{args.model}"
+    if name not in MODEL_CONFIGS:
+        names = sorted(k.removeprefix("mae_") for k in MODEL_CONFIGS)
+        raise ValueError(f"--model must be one of {names}, got {args.model!r}")
+    state = load_checkpoint(args.checkpoint, trust=args.unsafe_trust_checkpoint)
+    saved = state.get("args")
+    if isinstance(saved, dict) and (saved.get("model_config") or saved.get("model")):
+        model, saved = model_from_checkpoint(args.checkpoint, load_weights=not args.random_init,
+                                             trust=args.unsafe_trust_checkpoint)
+        named = MODEL_CONFIGS[name]
+        if (model.config["encoder_dim"], model.config["encoder_layers"]) != \
+                (named["encoder_dim"], named["encoder_layers"]):
+            raise ValueError(f"--model {args.model} does not match --finetune "
+                             f"{args.checkpoint}, a {model.config['encoder_dim']}-wide "
+                             f"{model.config['encoder_layers']}-block encoder")
+        return model, saved["input_size"]
+    model = MAE(config_of(name, img_size=OFFICIAL_SIZE))
+    if not args.random_init:
+        encoder = {k: v for k, v in model_weights(state).items()
+                   if not k.startswith(("decoder", "mask_token", "head", "fc_norm"))}
+        try:
+            result = model.load_state_dict(encoder, strict=False)
+        except RuntimeError as exc:
+            raise CheckpointError(f"--finetune {args.checkpoint}: its encoder does not fit "
+                                  f"--model {args.model}: {exc}") from exc
+        missing = [k for k in result.missing_keys if not k.startswith(("decoder", "mask_token"))]
+        if missing:
+            raise CheckpointError(f"--finetune {args.checkpoint}: no weights for {missing} "
+                                  f"of --model {args.model}")
+    return model, OFFICIAL_SIZE
+
+
+def features(model, imgs: torch.Tensor, global_pool: bool) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.encode(imgs)
+    return (out.patch_mean if global_pool else out.cls_token).float()
+
+
+def extract_features(model, dataset, device, args, desc: str):
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, collate_fn=collate_skipping)
     feats, labels = [], []
-    model.eval()
-    for imgs, y, _ in tqdm(loader, desc="features", disable=quiet, leave=False):
-        if imgs is None:
-            continue
-        out = model.encode(imgs.to(device))
-        feats.append((out.patch_mean if global_pool else out.cls_token).float().cpu())
-        labels.append(y)
+    for imgs, y, _ in tqdm(loader, desc=desc, disable=args.quiet, leave=False):
+        if imgs is not None:
+            feats.append(features(model, imgs.to(device), args.global_pool))
+            labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
+
+
+def train_head(head, optimizer, epoch_batches, steps: int, args, lr: float,
+               desc: str) -> list[float]:
+    """The per-iteration warm-up + cosine schedule, gradient accumulation, one progress bar over
+    the epochs; `epoch_batches(epoch)` yields (features, labels). Returns each epoch's loss."""
+    bar = tqdm(range(args.epochs), desc=desc, disable=args.quiet, dynamic_ncols=True)
+    losses = []
+    for epoch in bar:
+        head.train()
+        loss_sum = torch.zeros(())
+        for i, (x, y) in enumerate(epoch_batches(epoch)):
+            if i % args.accum_iter == 0:
+                set_lr(optimizer, lr_at(epoch + i / steps, lr, args.min_lr, args.warmup_epochs,
+                                        args.epochs))
+            loss = nn.functional.cross_entropy(head(x), y)
+            (loss / args.accum_iter).backward()
+            if (i + 1) % args.accum_iter == 0 or i + 1 == steps:
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach().cpu()
+        losses.append(loss_sum.item() / steps)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
 
 
 def linprobe(args) -> dict:
     device = torch.device(args.device)
-    model, config = model_from_checkpoint(args.checkpoint, load_weights=not args.random_init,
-                                          trust=args.unsafe_trust_checkpoint)
+    model, size = load_encoder(args)
     if isinstance(model, VideoMAE):
         raise ValueError(f"--checkpoint {args.checkpoint} holds a VideoMAE; linprobe probes "
                          "image encoders")
-    model = model.to(device)
+    demo = apply_defaults(args)
+    model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    size = config["input_size"]
-    train_set = build_dataset(args.data_path, size, "train", augment=False,
-                              length=args.train_size)
+    train_base = build_dataset(args.data_path, size, "train", augment=False,
+                               length=args.train_size)
     val_set = build_dataset(args.data_path, size, "val", augment=False, length=args.val_size)
     torch.manual_seed(args.seed)
-    x_train, y_train = extract_features(model, train_set, device, args.batch_size,
-                                        args.global_pool, args.quiet)
-    x_val, y_val = extract_features(model, val_set, device, args.batch_size, args.global_pool,
-                                    args.quiet)
-    num_classes = int(max(y_train.max(), y_val.max())) + 1
-    head = nn.Sequential(nn.BatchNorm1d(x_train.shape[1], affine=False, eps=1e-6),
-                         nn.Linear(x_train.shape[1], num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    lr = args.blr * args.batch_size / 256
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9,
-                                weight_decay=args.weight_decay)
-    steps = (len(x_train) + args.batch_size - 1) // args.batch_size
-    for epoch in range(args.epochs):
-        head.train()
-        order = torch.randperm(len(x_train))
-        for i in range(steps):
-            set_lr(optimizer, lr_at(epoch + i / steps, lr, 0.0, args.warmup_epochs, args.epochs))
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            loss = nn.functional.cross_entropy(head(x_train[idx]), y_train[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    num_classes = args.nb_classes or len(train_base.classes)
+    head = build_head(model.config["encoder_dim"], num_classes).to(device)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter / 256
+
+    if demo:
+        x_train, y_train = extract_features(model, train_base, device, args, "train features")
+        optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9,
+                                    weight_decay=args.weight_decay)
+        steps = (len(x_train) + args.batch_size - 1) // args.batch_size
+
+        def epoch_batches(_epoch):
+            for idx in torch.randperm(len(x_train)).split(args.batch_size):
+                yield x_train[idx], y_train[idx]
+    else:
+        train_set = ProbeTrainSet(train_base, size, args.seed)
+        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                            num_workers=args.num_workers, collate_fn=collate_skipping,
+                            generator=torch.Generator().manual_seed(args.seed))
+        if len(loader) == 0:
+            raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
+                             f"({len(train_set)} images)")
+        optimizer = LARS(head.parameters(), lr=lr, weight_decay=args.weight_decay)
+        steps = len(loader)
+
+        def epoch_batches(epoch):
+            train_set.set_epoch(epoch)
+            for imgs, y, _ in loader:
+                if imgs is not None:
+                    yield features(model, imgs.to(device), args.global_pool), y.to(device)
+
+    losses = train_head(head, optimizer, epoch_batches, steps, args, lr,
+                      "linprobe" + (" (demo)" if demo else ""))
+    x_val, y_val = extract_features(model, val_set, device, args, "val features")
     head.eval()
     with torch.no_grad():
         top1 = (head(x_val).argmax(1) == y_val).float().mean().item() * 100
-        train_top1 = (head(x_train).argmax(1) == y_train).float().mean().item() * 100
+        train_top1 = ((head(x_train).argmax(1) == y_train).float().mean().item() * 100
+                      if demo else None)
     result = {"checkpoint": str(args.checkpoint), "random_init": args.random_init,
-              "top1": top1, "train_top1": train_top1, "num_classes": num_classes,
-              "train_images": len(x_train), "val_images": len(x_val)}
+              "recipe": "demo" if demo else "official", "top1": top1, "train_top1": train_top1,
+              "loss": losses[-1], "num_classes": num_classes, "batch_size": args.batch_size,
+              "optimizer": type(optimizer).__name__, "train_images": len(train_base),
+              "val_images": len(x_val)}
     print(json.dumps(result))
-    return result
+    return {**result, "epoch_losses": losses}

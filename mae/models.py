@@ -341,8 +341,15 @@ def resolve_config(config: dict) -> dict:
     config["img_size"] = list(_pair(img)) if not isinstance(img, int) else img
     for key in ("patch_size", "in_chans", "encoder_dim", "encoder_layers", "encoder_heads",
                 "decoder_dim", "decoder_layers", "decoder_heads"):
-        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
-            raise ValueError(f"config[{key!r}] must be a positive integer, got {config[key]!r}")
+        # decoder_layers 0: the official code builds a decoder of no blocks (embed, norm, head)
+        least = 0 if key == "decoder_layers" else 1
+        if isinstance(config[key], bool) or not isinstance(config[key], int) \
+                or config[key] < least:
+            raise ValueError(f"config[{key!r}] must be an integer >= {least}, got "
+                             f"{config[key]!r}")
+    mlp = config["mlp_ratio"]
+    if isinstance(mlp, bool) or not isinstance(mlp, (int, float)) or not 0 < mlp < float("inf"):
+        raise ValueError(f"config['mlp_ratio'] must be a number > 0, got {mlp!r}")
     for side in _pair(config["img_size"]):
         if isinstance(side, bool) or not isinstance(side, int) or side % config["patch_size"]:
             raise ValueError(f"config['img_size'] {config['img_size']!r} must be integers "
@@ -399,10 +406,36 @@ def _official_kwargs(config: dict) -> dict:
                 mask_type=config["mask_type"], target=config["target"])
 
 
-class Output(NamedTuple):
-    loss: torch.Tensor
-    reconstructed: torch.Tensor  # (B, C, H, W): the prediction of every patch, as an image
-    mask: torch.Tensor  # (B, L): 1 = masked
+class Output:
+    """What `MAE(...)(images)` returns: `loss, reconstructed, mask = model(images)`, or read by
+    name. `reconstructed` (B, C, H, W), the prediction of every patch as an image, is made from
+    the prediction when first read, so a training step that reads only `loss` never
+    unpatchifies; `mask` (B, L) is 1 where masked."""
+
+    __slots__ = ("loss", "mask", "_pred", "_to_image", "_reconstructed")
+
+    def __init__(self, loss: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                 to_image=None):
+        self.loss, self.mask = loss, mask
+        self._pred, self._to_image, self._reconstructed = pred, to_image, None
+
+    @property
+    def reconstructed(self) -> torch.Tensor:
+        if self._reconstructed is None:
+            self._reconstructed = (self._pred if self._to_image is None
+                                   else self._to_image(self._pred))
+        return self._reconstructed
+
+    def __iter__(self):
+        return iter((self.loss, self.reconstructed, self.mask))
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index):
+        if isinstance(index, int):  # output[0] makes no image
+            return getattr(self, ("loss", "reconstructed", "mask")[index])
+        return tuple(self)[index]
 
 
 class MAE(MaskedAutoencoderViT):
@@ -463,7 +496,7 @@ class MAE(MaskedAutoencoderViT):
         loss, pred, mask = self.predict(imgs, ratio, noise)
         if self.feature_target is not None or self.target != "pixel":
             return Output(loss, pred, mask)  # predicted features (B, L, F), not pixels
-        return Output(loss, self.unpatchify(pred), mask)
+        return Output(loss, pred, mask, self.unpatchify)
 
 
 def _factory(name: str):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, model_weights
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, weights_kind
 from .data import build_dataset
 from .engine import (
     NonFiniteLossError,
@@ -72,7 +72,7 @@ def apply_defaults(args) -> None:
         config["target"] = args.target
     if args.patch_size:
         config["patch_size"] = args.patch_size
-    if args.decoder_depth:
+    if args.decoder_depth is not None:  # 0 too: the official code's block-less decoder
         config["decoder_layers"] = args.decoder_depth
     args.model_config = resolve_config(config)
 
@@ -98,15 +98,44 @@ def model_config_of(saved_args: dict) -> dict:
 def model_from_checkpoint(path, load_weights: bool = True, trust: bool = False):
     """(model, saved arguments) of a `mae pretrain` checkpoint; random weights if told so."""
     state = load_checkpoint(path, trust=trust)
+    return model_of_state(state, path, load_weights), state["args"]
+
+
+def check_saved_args(state: dict, path) -> None:
+    """A pre-training checkpoint that saves its arguments must hold the weights they describe
+    (official ones save none and pass as they are)."""
+    saved = state.get("args")
+    if weights_kind(state) == "pre-training" and isinstance(saved, dict) \
+            and (saved.get("model_config") or saved.get("model")):
+        model_of_state(state, path)
+
+
+def model_of_state(state: dict, path, load: bool = True):
+    """The model a loaded `mae pretrain` checkpoint's arguments describe, with its weights if
+    `load`; a checkpoint of anything else, or arguments that do not describe its weights, is a
+    CheckpointError saying what the file holds."""
+    if weights_kind(state) == "fine-tuning":
+        raise CheckpointError(f"checkpoint {path} holds fine-tuning weights (a classifier), not "
+                              f"a pre-trained MAE: pass a `mae pretrain` checkpoint")
     saved = state.get("args")
     if not isinstance(saved, dict) or not (saved.get("model_config") or saved.get("model")):
         raise CheckpointError(f"checkpoint {path} does not say which model it holds (no saved "
                               f"`mae pretrain` arguments); official MAE checkpoints are for "
                               f"`mae finetune --finetune`")
-    model = build_model(model_config_of(saved))
-    if load_weights:
-        model.load_state_dict(model_weights(state))
-    return model, saved
+    try:
+        config = model_config_of(saved)
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {path} names an unknown model {exc}; known: "
+                              f"{sorted(MODEL_CONFIGS)}") from exc
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its saved model config is not valid "
+                              f"({exc})") from exc
+    model = build_model(config)
+    if load:
+        load_weights(model, state, f"checkpoint {path}",
+                     "the model its saved arguments describe (the file was altered, or its "
+                     "arguments come from another run)")
+    return model
 
 
 def pretrain(args) -> dict:
@@ -129,7 +158,7 @@ def pretrain(args) -> dict:
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = build_optimizer(model, lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch = resume_from(args, model, optimizer, scaler, main)
+    start_epoch = resume_from(args, model, optimizer, scaler, main, log)
     train_model = wrap_for_training(model, args, world_size, device)
 
     preview = data("val", False, 4)
@@ -168,9 +197,9 @@ def pretrain(args) -> dict:
         log.write(**record)
         print(f"epoch {epoch}: loss {loss:.4f}" + (f", {skipped} unreadable images skipped"
                                                   if skipped else ""))
+        save_epoch(args, model, optimizer, scaler, epoch, len(loader))  # the work first
         if preview_imgs is not None:
             save_reconstruction_figure(model, preview_imgs,
                                        Path(args.output_dir) / f"reconstruction-{epoch:03d}.png",
                                        args.mask_ratio, preview_noise, title=f"epoch {epoch}")
-        save_epoch(args, model, optimizer, scaler, epoch, len(loader))
     return summary

@@ -1,9 +1,10 @@
 """VideoMAE (Tong et al. 2022): an MAE over space-time tubelets. Videos (B, C, T, H, W) are cut
 into t x p x p tubelets (a Conv3d patch embedding, as VideoMAE's), one random spatial mask per
 video is shared by every frame (tube masking, 90% by default), and the decoder predicts the
-pixels of the masked tubelets (norm-pix per tubelet). Positions are fixed 3D sin-cos tables; like
-VideoMAE there is no cls token. Encoder parameter names follow VideoMAE's (`patch_embed.proj`,
-`blocks.N.{norm1,attn,norm2,mlp}`, `norm`); the decoder keeps the MAE names.
+pixels of the masked tubelets with VideoMAE's target (the clip un-normalised; with norm-pix each
+channel of a tubelet normalised by its mean and std + 1e-6). Positions are fixed 3D sin-cos
+tables; like VideoMAE there is no cls token. Encoder parameter names follow VideoMAE's
+(`patch_embed.proj`, `blocks.N.{norm1,attn,norm2,mlp}`, `norm`); the decoder keeps the MAE names.
 
 With `use_kernels=True` the tubelets are cut by `patchify3d`, masked by the fused `tube_masking`
 and only the kept ones embedded; the decoder input is the fused `unshuffle` with its positional
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 import mae_kernels
 from mae_kernels import reference
 
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import (
     Block,
     Features,
@@ -82,6 +84,10 @@ class VideoMAE(nn.Module):
         self.in_chans = config["in_chans"]
         self.patch_size = config["patch_size"]
         self.tubelet_size = config["tubelet_size"]
+        # VideoMAE's target un-normalises the clips, which the loaders normalise with ImageNet's
+        # mean and std (mae.data.to_tensor); other channel counts are taken as they are
+        rgb = self.in_chans == 3
+        self.data_mean, self.data_std = (IMAGENET_MEAN, IMAGENET_STD) if rgb else (None, None)
         dim, decoder_dim = config["encoder_dim"], config["decoder_dim"]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.patch_embed = TubeletEmbed(config["num_frames"], config["img_size"],
@@ -105,6 +111,13 @@ class VideoMAE(nn.Module):
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(MaskedAutoencoderViT._init_weights)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> VideoMAE:
+        """A model of VIDEO_MODEL_CONFIGS, with config keys as overrides."""
+        if name not in VIDEO_MODEL_CONFIGS:
+            raise ValueError(f"model must be one of {sorted(VIDEO_MODEL_CONFIGS)}, got {name!r}")
+        return cls({**VIDEO_MODEL_CONFIGS[name], **overrides})
 
     def _check_videos(self, videos: torch.Tensor) -> None:
         expected = (self.in_chans, self.grid_size[0] * self.tubelet_size,
@@ -142,7 +155,7 @@ class VideoMAE(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         ops = mae_kernels if self.use_kernels else reference
         loss = ops.mae_loss(videos, pred, mask, self.patch_size, self.norm_pix_loss,
-                            self.tubelet_size)
+                            self.tubelet_size, mean=self.data_mean, std=self.data_std)
         return loss, pred, mask
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +167,7 @@ class VideoMAE(nn.Module):
                 noise=None) -> Output:
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         loss, pred, mask = self.predict(videos, ratio, noise)
-        return Output(loss, self.unpatchify(pred), mask)
+        return Output(loss, pred, mask, self.unpatchify)
 
     def encode(self, videos: torch.Tensor) -> Features:
         """Every tubelet, no masking; without a cls token both features are the mean token."""
@@ -165,3 +178,17 @@ class VideoMAE(nn.Module):
         pooled = self.norm(x).mean(dim=1)
         return Features(cls_token=pooled, patch_mean=pooled)
 
+
+def _factory(name: str):
+    def build(**overrides) -> VideoMAE:
+        """The named VideoMAE; config keys (`mae.DEFAULT_CONFIG`'s, `num_frames`,
+        `tubelet_size`) as overrides."""
+        return VideoMAE.from_name(name, **overrides)
+
+    build.__name__ = build.__qualname__ = name
+    return build
+
+
+mae_videomae_tiny_patch16 = _factory("mae_videomae_tiny_patch16")
+mae_videomae_small_patch16 = _factory("mae_videomae_small_patch16")
+mae_videomae_base_patch16 = _factory("mae_videomae_base_patch16")

@@ -7,7 +7,9 @@ clip (every frame gets the same), drawn from (seed, epoch, index) as the image d
 - `VideoFolderDataset`: DIR/[split/]<class>/<clip>, where a clip is a folder of frames (sorted by
   name) or a video file (needs PyAV: the `[video]` extra). `num_frames` frames are taken
   `sampling_rate` apart (VideoMAE's sampling), from a random start when training, the middle
-  otherwise; clips shorter than that repeat their last frame.
+  otherwise; clips shorter than that repeat their last frame. Only the sampled frames are read:
+  a frame folder opens those images, a video file seeks to the key frame before the first and
+  decodes forward to the last.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from .data import (
     Augmented,
     BuiltIn,
     center_resize,
+    check_no_empty_class,
     draw_shape,
     random_resized_crop,
+    to_rgb,
     to_tensor,
 )
 
@@ -45,13 +49,15 @@ class Clips(Augmented):
         if frames is None:
             return None
         if self.train:  # the same crop and flip for every frame
-            state, flip = rng.getstate(), rng.random() < 0.5
-            out = []
+            state = rng.getstate()
+            crops = []
             for frame in frames:
                 rng.setstate(state)
-                frame = random_resized_crop(frame, self.size, rng)
-                out.append(frame.transpose(Image.FLIP_LEFT_RIGHT) if flip else frame)
-            frames = out
+                crops.append(random_resized_crop(frame, self.size, rng))
+            # drawn after the crop's numbers, so it does not depend on them
+            if rng.random() < 0.5:
+                crops = [frame.transpose(Image.FLIP_LEFT_RIGHT) for frame in crops]
+            frames = crops
         else:
             frames = [center_resize(frame, self.size) for frame in frames]
         return torch.stack([to_tensor(f) for f in frames], dim=1), label
@@ -98,6 +104,9 @@ class VideoFolderDataset(Clips):
         self.samples = [(clip, label) for folder, label in groups
                         for clip in sorted(folder.iterdir())
                         if _is_frame_dir(clip) or clip.suffix.lower() in VIDEO_SUFFIXES]
+        if classes:
+            check_no_empty_class(base, classes, {label for _, label in self.samples},
+                                 VIDEO_SUFFIXES | {"<folder of frames>"})
         self.classes = classes or ["videos"]
         if not self.samples:
             raise FileNotFoundError(f"no clips (frame folders or video files) found under {base}")
@@ -107,45 +116,92 @@ class VideoFolderDataset(Clips):
 
     def load(self, index, rng):
         path, label = self.samples[index]
+
+        def choose(count: int) -> list[int]:
+            span = (self.num_frames - 1) * self.sampling_rate + 1
+            spare = max(count - span, 0)
+            start = rng.randint(0, spare) if self.train else spare // 2
+            return [min(start + k * self.sampling_rate, count - 1)
+                    for k in range(self.num_frames)]
+
         try:
-            frames = _read_clip(path)
+            return read_clip(path, choose), label
         except (OSError, ValueError) as exc:
             warnings.warn(f"skipping unreadable clip {path}: {exc}", RuntimeWarning,
                           stacklevel=2)
             return None, label
-        span = (self.num_frames - 1) * self.sampling_rate + 1
-        spare = max(len(frames) - span, 0)
-        start = rng.randint(0, spare) if self.train else spare // 2
-        picks = [min(start + k * self.sampling_rate, len(frames) - 1)
-                 for k in range(self.num_frames)]
-        return [frames[k] for k in picks], label
 
 
 def _is_frame_dir(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
 
 
-def _read_clip(path: Path) -> list:
-    """Every frame of a frame folder or a video file, as RGB PIL images."""
-    if path.is_dir():
-        frames = []
-        for frame in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            with Image.open(frame) as img:
-                frames.append(img.convert("RGB"))
-    else:
-        try:
-            import av
-        except ImportError as exc:
-            raise SystemExit(f"reading video files ({path.name}) needs PyAV: pip install -e "
-                             f"\".[video]\" (or extract the frames into folders)") from exc
-        try:
-            with av.open(str(path)) as container:
-                frames = [f.to_image() for f in container.decode(video=0)]
-        except av.FFmpegError as exc:
-            raise ValueError(str(exc)) from exc
-    if not frames:
+def read_clip(path: Path, choose) -> list:
+    """The frames `choose(frame_count) -> indices` picks from a frame folder or a video file, as
+    RGB PIL images, reading only those (and, in a video, what decoding them needs)."""
+    if not path.is_dir():
+        return _read_video(path, choose)
+    names = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not names:
         raise ValueError("no frames")
-    return frames
+    picks = choose(len(names))
+    images = {}
+    for k in sorted(set(picks)):
+        with Image.open(names[k]) as img:
+            images[k] = to_rgb(img)
+    return [images[k] for k in picks]
+
+
+def _read_video(path: Path, choose) -> list:
+    try:
+        import av
+    except ImportError as exc:
+        raise SystemExit(f"reading video files ({path.name}) needs PyAV: pip install -e "
+                         f"\".[video]\" (or extract the frames into folders)") from exc
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            count = stream.frames  # 0 where the container does not record it (mkv, webm)
+            if not count and rate and container.duration:
+                count = round(container.duration * rate / av.time_base)
+            if not count or not rate:
+                raise ValueError("the video stream gives no frame count or frame rate")
+            picks = choose(count)
+            wanted = sorted(set(picks))
+            start = stream.start_time or 0
+
+            def index(frame) -> int:
+                return round((frame.pts - start) * stream.time_base * rate)
+
+            if wanted[0] > 0:  # to the key frame at or before the first pick
+                container.seek(start + int(wanted[0] / rate / stream.time_base), stream=stream)
+            shown = _frames_on_screen(((index(f), f) for f in container.decode(stream)), wanted)
+            images = {id(f): f.to_image() for f in shown.values()}
+            return [images[id(shown[k])] for k in picks]
+    except av.FFmpegError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _frames_on_screen(frames, wanted: list[int]) -> dict:
+    """{k: the frame on screen at index k} for the sorted indices `wanted`: the last of `frames`
+    ((index, frame) pairs in display order) at or before k, the first one if none is; reading
+    stops at the last index wanted."""
+    shown, j, current = {}, 0, None
+    for k, frame in frames:
+        while j < len(wanted) and wanted[j] < k and current is not None:
+            shown[wanted[j]] = current
+            j += 1
+        current = frame
+        if k >= wanted[-1]:
+            break
+    if current is None:
+        raise ValueError("no frames")
+    for k in wanted[j:]:
+        shown[k] = current
+    return shown
 
 
 def build_video_dataset(data_path, size, num_frames: int, split: str, augment: bool,

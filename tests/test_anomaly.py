@@ -4,6 +4,7 @@ a small pre-training whose maps find the defects (a CI-sized margin)."""
 import csv
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -18,19 +19,24 @@ SMALL = {"img_size": 32, "patch_size": 8, "encoder_dim": 32, "encoder_layers": 1
          "decoder_dim": 32, "decoder_layers": 1, "norm_pix_loss": True}
 
 
-@pytest.mark.parametrize("mask_ratio,coverage", [(0.75, 1), (0.75, 3), (0.6, 2)])
-def test_every_patch_is_hidden_coverage_times(monkeypatch, mask_ratio, coverage):
-    model = MAE(SMALL)
-    hidden = torch.zeros(3, 16)
+def count_hidden(monkeypatch, model, batch: int) -> torch.Tensor:
+    """(batch, L) counts, updated in place, of the passes of `model.predict` that hid each patch."""
+    hidden = torch.zeros(batch, model.patch_embed.num_patches)
     predict = model.predict
 
     def counting(imgs, ratio, noise):
-        nonlocal hidden
         out = predict(imgs, ratio, noise)
-        hidden = hidden + out[2]
+        hidden.add_(out[2])
         return out
 
     monkeypatch.setattr(model, "predict", counting)
+    return hidden
+
+
+@pytest.mark.parametrize("mask_ratio,coverage", [(0.75, 1), (0.75, 3), (0.6, 2)])
+def test_every_patch_is_hidden_coverage_times(monkeypatch, mask_ratio, coverage):
+    model = MAE(SMALL)
+    hidden = count_hidden(monkeypatch, model, 3)
     maps = anomaly_maps(model, torch.randn(3, 3, 32, 32), mask_ratio, coverage)
     assert hidden.min() >= coverage
     assert maps.patch_scores.shape == (3, 16) and maps.pixel_map.shape == (3, 32, 32)
@@ -91,3 +97,21 @@ def _config(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text("encoder_dim: 32\nencoder_layers: 1\ndecoder_dim: 32\ndecoder_layers: 1\n")
     return path
+
+
+@pytest.mark.parametrize("mask_type", ["grid", "block"])
+def test_every_patch_is_hidden_whatever_mask_the_model_was_trained_with(monkeypatch, mask_type):
+    model = MAE({**SMALL, "mask_type": mask_type})
+    hidden = count_hidden(monkeypatch, model, 2)
+    maps = anomaly_maps(model, torch.randn(2, 3, 32, 32), 0.75, coverage=2)
+    assert hidden.min() >= 2 and (maps.patch_scores > 0).all()
+    assert model.mask_type == mask_type  # the model's own sampler is back for training
+
+
+def test_anomaly_writes_into_the_run_folder_the_readme_names(tmp_path):
+    """The README's example must not overwrite a tracked file (it wrote docs/anomaly/map.png)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    outputs = re.findall(r"mae anomaly [^\n]*?(?:\\\n[^\n]*?)*-o (\S+)", readme)
+    assert outputs and all(out.startswith("runs/") for out in outputs), outputs

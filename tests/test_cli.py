@@ -94,6 +94,164 @@ def test_finetune_without_timm_is_a_clear_error_naming_the_extra(monkeypatch):
         main(["finetune", "--device", "cpu"])
 
 
+# --- flags and config values checked up front ------------------------------------------------
+
+def exit_code_and_errors(argv, capsys):
+    """(exit code, the `error:` lines) of `mae ARGV`, whether argparse or our check refused it."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors exit from parse_args
+        code = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, [line for line in err.splitlines() if "error:" in line]
+
+
+def assert_refused(argv, flag, capsys, out):
+    code, errors = exit_code_and_errors(argv, capsys)
+    assert code == 2 and len(errors) == 1 and flag in errors[0], (argv, code, errors)
+    assert not out.exists(), "a refused run left its output folder"
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--accum-iter", "0"], "--accum-iter"),
+    (["--log-every", "0"], "--log-every"),
+    (["--save-every", "0"], "--save-every"),
+    (["--epochs", "0"], "--epochs"),
+    (["--dataset-size", "0"], "--dataset-size"),
+    (["--decoder-depth", "-1"], "--decoder-depth"),
+    (["--mask-ratio", "0"], "--mask-ratio"),
+    (["--batch-size", "-3"], "--batch-size"),
+    (["--blr", "nan"], "--blr"),
+    (["--threads", "0"], "--threads"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+])
+def test_bad_pretrain_flags_are_one_error_line(tmp_path, capsys, flags, named):
+    out = tmp_path / "out"
+    assert_refused(["pretrain", *TINY, "--epochs", "1", *flags, "--output-dir", str(out)],
+                   named, capsys, out)
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--mask-ratio", "0.99"], "--mask-ratio"),  # 16 patches: int(16 * 0.01) = 0 kept
+    (["--mask-type", "grid", "--mask-ratio", "0.6"], "mask_ratio"),
+    (["--num-frames", "4"], "--video"),
+])
+def test_flags_the_model_refuses_exit_1_before_anything_is_written(tmp_path, capsys, flags,
+                                                                     named):
+    out = tmp_path / "out"
+    code, errors = exit_code_and_errors(["pretrain", *TINY, *flags, "--output-dir", str(out)],
+                                        capsys)
+    assert code == 1 and len(errors) == 1 and named in errors[0], errors
+    assert not out.exists()
+
+
+def test_cuda_on_a_cpu_only_torch_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    out = tmp_path / "out"
+    assert_refused(["pretrain", *TINY, "--device", "cuda", "--output-dir", str(out)],
+                   "--device", capsys, out)
+    code, errors = exit_code_and_errors(["linprobe", "--checkpoint", "x.pth", "--device", "cuda"],
+                                        capsys)
+    assert code == 2 and "CPU-only" in errors[0]
+
+
+def test_an_output_dir_under_a_file_is_refused(tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("a file")
+    for out in (file, file / "run"):
+        assert_refused(["pretrain", *TINY, "--output-dir", str(out)], "--output-dir", capsys,
+                       file / "run")
+    assert_refused(["ablate", "--output-dir", str(file / "run")], "--output-dir", capsys,
+                   file / "run")
+
+
+def test_other_commands_check_their_flags(tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, named in ((["anomaly", "--checkpoint", "x.pth", "--mask-ratio", "0"], "--mask-ratio"),
+                        (["anomaly", "--checkpoint", "x.pth", "--coverage", "0"], "--coverage"),
+                        (["linprobe", "--checkpoint", "x.pth", "--batch-size", "0"],
+                         "--batch-size"),
+                        (["finetune", "--layer-decay", "0", "--output-dir", str(out)],
+                         "--layer-decay"),
+                        (["finetune", "--accum-iter", "0", "--output-dir", str(out)],
+                         "--accum-iter"),
+                        (["ablate", "--epochs", "0", "--output-dir", str(out)], "--epochs")):
+        assert_refused(argv, named, capsys, out)
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, errors = exit_code_and_errors(["pretrain", *TINY, "--data-path",
+                                         str(tmp_path / "missing"), "--output-dir", str(out)],
+                                        capsys)
+    assert code == 1 and len(errors) == 1 and "--data-path" in errors[0]
+    assert not out.exists()
+
+
+def test_decoder_depth_0_builds_the_block_less_decoder(tmp_path):
+    """As the official code builds it: decoder embed, norm and head, no blocks."""
+    assert main(["pretrain", *TINY, "--epochs", "1", "--decoder-depth", "0",
+                 "--output-dir", str(tmp_path)]) == 0
+    model, saved = model_from_checkpoint(tmp_path / "checkpoint-last.pth")
+    assert saved["model_config"]["decoder_layers"] == 0 and len(model.decoder_blocks) == 0
+
+
+@pytest.mark.parametrize("text,key,exit_code", [
+    ('use_kernels: "false"', "use_kernels", 2),
+    ("batch_size: true", "batch_size", 2),
+    ("batch_size: 32.7", "batch_size", 2),
+    ("epochs: 0", "epochs", 2),
+    ("quiet: 'yes'", "quiet", 2),
+    ("mask_type: 3", "mask_type", 2),
+    ("mlp_ratio: four", "mlp_ratio", 1),  # MAE config keys: the model checks them
+    ("encoder_layers: 2.5", "encoder_layers", 1),
+])
+def test_config_values_are_type_checked_naming_the_key(tmp_path, capsys, text, key, exit_code):
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    out = tmp_path / "out"
+    code, errors = exit_code_and_errors(["pretrain", "--config", str(path), *TINY,
+                                         "--output-dir", str(out)], capsys)
+    assert code == exit_code and len(errors) == 1 and key in errors[0], errors
+    assert not out.exists()
+
+
+def test_config_values_of_the_right_type_are_taken(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("use_kernels: false\nbatch_size: 4\nblr: 1e-3\nmlp_ratio: 2\n")
+    args = resolved("--config", str(path))
+    assert args.no_kernels and args.batch_size == 4 and args.blr == 1e-3
+    assert args.model_config["mlp_ratio"] == 2 and args.model_config["use_kernels"] is False
+
+
+def test_threads_default_leaves_room_for_the_loader_workers(monkeypatch):
+    from mae.cli import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert (default_threads(2), default_threads(1), default_threads(0)) == (1, 1, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes share the cores
+    assert default_threads(0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by the user or torchrun: taken as given
+    assert default_threads(2) == 3
+    assert parse_args(["pretrain", "--num-workers", "2"]).threads == 3
+    assert parse_args(["pretrain", "--threads", "2"]).threads == 2
+
+
+def test_threads_flag_sets_torch_s_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert main(["pretrain", *TINY, "--epochs", "1", "--threads", "1",
+                     "--output-dir", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- the config-dict model and --config ---------------------------------------------------------
 
 def test_config_dict_model_as_the_explainers_show():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mae.cli import main
 from mae.data import (
     SHAPE_CLASSES,
     ImageFolderDataset,
@@ -12,6 +13,7 @@ from mae.data import (
     build_dataset,
     collate_skipping,
     denormalize,
+    to_rgb,
 )
 
 
@@ -57,3 +59,56 @@ def test_collate_counts_skipped():
     imgs, labels, skipped = collate_skipping([item, None, item])
     assert imgs.shape == (2, 3, 4, 4) and labels.tolist() == [1, 1] and skipped == 1
     assert collate_skipping([None]) == (None, None, 1)
+
+
+def test_16_bit_png_loads_at_its_grey_level(tmp_path):
+    """`convert("RGB")` clips 16-bit values at 255: mid-grey loaded as white."""
+    grey = np.full((12, 10), 128 * 257, np.uint16)
+    grey[0, 0] = 65535
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    x, _ = ImageFolderDataset(tmp_path, 8, train=False)[0]
+    pixels = denormalize(x) * 255
+    torch.testing.assert_close(pixels.median(), torch.tensor(128.0), atol=0.5, rtol=0)
+    # the other integer modes Pillow opens 16-bit images in
+    big_endian = Image.frombytes("I;16B", (10, 12), grey.astype(">u2").tobytes())
+    for img in (big_endian, Image.fromarray(grey).convert("I")):
+        rgb = np.asarray(to_rgb(img))
+        assert rgb.shape == (12, 10, 3) and rgb[0, 0].tolist() == [255] * 3, img.mode
+        assert (rgb[1:] == 128).all(), img.mode
+    eight_bit = Image.fromarray(np.full((4, 4), 77, np.uint8))
+    assert (np.asarray(to_rgb(eight_bit)) == 77).all()
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    """As torchvision's ImageFolder: a class without images is not silently a class."""
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "a.png")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match="no valid file for the classes dog under .*train"):
+        ImageFolderDataset(tmp_path, 8)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "dog" / "b.png")
+    assert ImageFolderDataset(tmp_path, 8).classes == ["cat", "dog"]
+
+
+def test_pretrain_on_only_unreadable_files_is_an_error(tmp_path, capsys):
+    """Every image skipped: the epoch trained on nothing, so no "loss 0.0000" run and no
+    checkpoint of an untrained model."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(4):
+        (data / f"{k}.jpg").write_bytes(b"not a jpeg")
+    config = tmp_path / "tiny.yaml"
+    config.write_text("encoder_dim: 32\nencoder_layers: 1\ndecoder_dim: 32\ndecoder_layers: 1\n")
+    out = tmp_path / "out"
+    with pytest.warns(RuntimeWarning, match="unreadable image"):
+        code = main(["pretrain", "--data-path", str(data), "--config", str(config),
+                     "--input-size", "16", "--patch-size", "8", "--epochs", "1",
+                     "--batch-size", "2", "--num-workers", "0", "--quiet", "--device", "cpu",
+                     "--output-dir", str(out)])
+    assert code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"all 4 files it drew from --data-path {data} were unreadable" in errors[0]
+    assert not list(out.glob("checkpoint*"))

@@ -58,6 +58,21 @@ def test_official_command_lines_parse():
     assert pre.norm_pix_loss and pre.epochs == 800
 
 
+def test_layer_decay_is_keyed_on_the_architecture_not_the_flag():
+    """FINETUNE.md's 0.65 for ViT-B whether --model names it or --finetune's checkpoint says it;
+    0.75 for other encoders."""
+    vit_b = finetune_module.vit_config("vit_base_patch16")
+    named = parse_args(["finetune", "--model", "vit_base_patch16", "--data-path", "/d"])
+    finetune_module.apply_defaults(named, None)
+    read = parse_args(["finetune", "--finetune", "vit_b.pth", "--data-path", "/d"])
+    finetune_module.apply_defaults(read, vit_b)
+    assert named.layer_decay == read.layer_decay == 0.65
+    assert read.vit_config["encoder_dim"] == 768
+    tiny = parse_args(["finetune", "--finetune", "tiny.pth", "--data-path", "/d"])
+    finetune_module.apply_defaults(tiny, finetune_module.vit_config("vit_tiny_patch16"))
+    assert tiny.layer_decay == 0.75
+
+
 def test_layer_wise_lr_decay_groups():
     from timm.optim import param_groups_layer_decay
 
@@ -190,7 +205,7 @@ def test_random_init_keeps_the_architecture_and_drops_the_weights(tmp_path, monk
     encoder = pretrained_checkpoint(tmp_path)
     monkeypatch.setattr(finetune_module, "load_pretrained",
                         lambda *args: pytest.fail("--random-init loaded the weights"))
-    args = parse_args(["finetune", "--finetune", str(encoder), "--random-init", "--epochs", "0",
+    args = parse_args(["finetune", "--finetune", str(encoder), "--random-init", "--epochs", "1",
                        *FAST, "--output-dir", str(tmp_path / "ft")])
     finetune_module.finetune(args)
     assert args.vit_config["encoder_layers"] == 12 and args.vit_config["patch_size"] == 4

@@ -196,3 +196,49 @@ def test_every_rank_gets_its_own_gpu_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
     assert lines == ["rank 0 cuda:0 cuda:3 cpu", "rank 1 cuda:1 cuda:3 cpu"]
+
+
+def test_training_steps_never_unpatchify_the_prediction(tmp_path, monkeypatch):
+    calls = []
+    real = MaskedAutoencoderViT.unpatchify
+
+    def counting(self, x):
+        calls.append(x.shape)
+        return real(self, x)
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "unpatchify", counting)
+    run_pretrain(tmp_path, "--epochs", "1")
+    assert calls == []  # 4 training steps and the epoch figure read no `reconstructed`
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_reconstructed_is_made_when_read_and_is_the_unpatchified_prediction(video):
+    from mae import MAE
+    from mae.video import VideoMAE
+    from mae_kernels import reference
+
+    config = {"img_size": 16, "patch_size": 4, "encoder_dim": 32, "encoder_layers": 1,
+              "decoder_dim": 32, "decoder_layers": 1}
+    if video:
+        model = VideoMAE({**config, "num_frames": 4, "tubelet_size": 2})
+        x = torch.randn(2, 3, 4, 16, 16)
+    else:
+        model = MAE(config)
+        x = torch.randn(2, 3, 16, 16)
+    noise = model.draw_noise(2, torch.Generator().manual_seed(3))
+    calls = []
+    real = model.unpatchify
+    model.unpatchify = lambda pred: calls.append(1) or real(pred)
+    out = model(x, noise=noise)
+    out.loss.backward()
+    assert calls == []
+    _, pred, mask = model.predict(x, model.mask_ratio, noise)
+    if video:
+        want = reference.unpatchify3d(pred, (2, 4, 4), model.grid_size, 3)
+    else:
+        want = reference.unpatchify(pred, 4, model.grid_size, 3)
+    torch.testing.assert_close(out.reconstructed, want)
+    assert out.reconstructed is out.reconstructed and calls == [1]  # made once
+    loss, reconstructed, got_mask = model(x, noise=noise)  # unpacks as the README shows
+    torch.testing.assert_close(reconstructed, want)
+    assert torch.equal(got_mask, mask) and torch.equal(loss, out.loss)

@@ -7,11 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+import mae
 from mae.cli import main
+from mae.data import denormalize
 from mae.pos_embed import sincos_2d, sincos_3d
 from mae.pretrain import model_from_checkpoint
 from mae.video import VideoMAE
-from mae.video_data import MovingShapesDataset, VideoFolderDataset
+from mae.video_data import Clips, MovingShapesDataset, VideoFolderDataset, read_clip
 
 SMALL = {"num_frames": 4, "img_size": 32, "patch_size": 8, "encoder_dim": 32,
          "encoder_layers": 1, "decoder_dim": 32, "decoder_layers": 1, "norm_pix_loss": True}
@@ -27,8 +29,8 @@ def test_kernels_match_the_reference_model(implementation):
     torch.testing.assert_close(got.loss, want.loss)
     torch.testing.assert_close(got.reconstructed, want.reconstructed)
     assert got.reconstructed.shape == videos.shape
-    # tube masking at 90%: one spatial position of 16 kept, in both temporal positions
-    assert got.mask.view(2, 2, 16).sum(2).tolist() == [[15.0, 15.0], [15.0, 15.0]]
+    # tube masking at 90%: VideoMAE's int(0.9 * 16) = 14 of 16 masked in both temporal positions
+    assert got.mask.view(2, 2, 16).sum(2).tolist() == [[14.0, 14.0], [14.0, 14.0]]
     got.loss.backward()
     want.loss.backward()
     for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
@@ -48,6 +50,29 @@ def test_videomae_names_and_config_errors():
         VideoMAE({**SMALL, "mask_type": "random"})
     with pytest.raises(ValueError, match="videos"):
         model(torch.randn(1, 3, 8, 32, 32))
+
+
+def test_named_factories_and_from_name():
+    """As mae.models' factories and MAE.from_name: VideoMAE's ViT-S/B and the tiny CPU model."""
+    for name in ("mae_videomae_tiny_patch16", "mae_videomae_small_patch16",
+                 "mae_videomae_base_patch16"):
+        assert getattr(mae, name).__name__ == name and name in mae.__all__
+    with torch.device("meta"):  # ViT-B's shapes without its 100M parameters' memory
+        base = mae.mae_videomae_base_patch16()
+    assert isinstance(base, VideoMAE) and base.config["num_frames"] == 16
+    assert base.blocks[0].attn.qkv.weight.shape == (3 * 768, 768) and len(base.blocks) == 12
+    assert base.decoder_embed.weight.shape == (384, 768) and len(base.decoder_blocks) == 4
+    assert base.patch_embed.grid_size == (8, 14, 14) and base.mask_ratio == 0.9
+
+    tiny = VideoMAE.from_name("mae_videomae_tiny_patch16", num_frames=4, img_size=32,
+                              patch_size=8, mask_ratio=0.75)
+    assert (tiny.config["encoder_dim"], tiny.config["decoder_dim"]) == (192, 128)
+    out = tiny(torch.randn(1, 3, 4, 32, 32))
+    assert out.reconstructed.shape == (1, 3, 4, 32, 32) and out.mask.sum() == 2 * 12
+    with pytest.raises(ValueError, match="model must be one of"):
+        VideoMAE.from_name("mae_vit_base_patch16")
+    with pytest.raises(ValueError, match="unknown MAE config key"):
+        mae.mae_videomae_small_patch16(embed_dim=384)
 
 
 def test_sincos_3d_shares_the_spatial_code_across_frames():
@@ -102,21 +127,132 @@ def test_folder_of_frame_folders(tmp_path):
     assert torch.equal(short[:, 2], short[:, 3])
     with pytest.raises(FileNotFoundError, match="val"):
         VideoFolderDataset(tmp_path, 16, 4, split="val", required=True)
+    (tmp_path / "train" / "jump").mkdir()  # a class without a clip, as torchvision refuses
+    with pytest.raises(FileNotFoundError, match="no valid file for the classes jump under"):
+        VideoFolderDataset(tmp_path, 16, num_frames=4, split="train")
+
+
+def test_frame_folder_reads_only_the_sampled_frames(tmp_path, monkeypatch):
+    folder = tmp_path / "cat" / "clip"
+    folder.mkdir(parents=True)
+    for k in range(120):
+        Image.fromarray(np.full((8, 8, 3), 2 * k, np.uint8)).save(folder / f"{k:04d}.png")
+    every = [np.asarray(Image.open(path).convert("RGB")) for path in sorted(folder.iterdir())]
+    opened = []
+    real_open = Image.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    clip, _ = VideoFolderDataset(tmp_path, 8, num_frames=4, sampling_rate=4, train=True)[0]
+    assert clip.shape == (3, 4, 8, 8) and len(opened) == 4, opened
+    for picks in ([50, 54, 58, 62], [117, 119, 119, 119], [0]):
+        opened.clear()
+        frames = read_clip(folder, lambda count, picks=picks: picks)
+        assert len(opened) == len(set(picks))
+        for frame, k in zip(frames, picks, strict=True):
+            assert np.array_equal(np.asarray(frame), every[k]), k
+
+
+def _write_video(path, av, count, gop):
+    """`count` 32x32 frames whose brightness rises with the index; a key frame every `gop`."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop
+        for k in range(count):
+            level = 255 * k // max(count - 1, 1)
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), level, np.uint8),
+                                               format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])  # mkv records no frame count
+def test_video_file_decodes_only_from_the_key_frame_before_the_sample(tmp_path, monkeypatch,
+                                                                      suffix):
+    av = pytest.importorskip("av", reason="the [video] extra (PyAV) is not installed")
+    path = tmp_path / "cat" / f"clip{suffix}"
+    path.parent.mkdir()
+    gop = 12
+    _write_video(path, av, 120, gop)
+    with av.open(str(path)) as container:
+        every = [np.asarray(frame.to_image()) for frame in container.decode(video=0)]
+    assert len(every) == 120
+    decoded = []
+    real_open = av.open
+
+    class Counting:
+        def __init__(self, container):
+            self.container = container
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def decode(self, *args, **kwargs):
+            for frame in self.container.decode(*args, **kwargs):
+                decoded.append(frame.pts)
+                yield frame
+
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: Counting(real_open(*args, **kwargs)))
+    span = 3 * 4 + 1
+    data = VideoFolderDataset(tmp_path, 32, num_frames=4, sampling_rate=4, train=True)
+    for index_seed in range(3):
+        data.set_epoch(index_seed)
+        decoded.clear()
+        assert data[0][0].shape == (3, 4, 32, 32)
+        assert 0 < len(decoded) <= span + gop, decoded
+    for picks in ([50, 54, 58, 62], [0, 4, 8, 12], [110, 114, 118, 119], [119, 119], [7]):
+        decoded.clear()
+        frames = read_clip(path, lambda count, picks=picks: picks)
+        assert len(decoded) <= picks[-1] - picks[0] + gop + 1, (picks, decoded)
+        for frame, k in zip(frames, picks, strict=True):
+            assert np.array_equal(np.asarray(frame), every[k]), (picks, k)
+
+
+def test_clip_flip_is_independent_of_the_crop():
+    """One crop and one flip per clip, from separate draws: flipped clips have every crop area
+    (they had only areas below 0.6 when the flip reused the crop's first number)."""
+    ramp = np.arange(256, dtype=np.uint8)
+    # red = column, green = row: a crop's width and height and its flip read off its pixels
+    frame = Image.fromarray(np.stack([np.tile(ramp, (256, 1)), np.tile(ramp[:, None], (1, 256)),
+                                      np.zeros((256, 256), np.uint8)], axis=2))
+
+    class Still(Clips):
+        def __len__(self):
+            return 400
+
+        def load(self, index, rng):
+            return [frame, frame], 0
+
+    data = Still(16, num_frames=2, train=True, seed=0)
+    flips, areas = [], []
+    for i in range(len(data)):
+        clip = data[i][0]
+        assert torch.equal(clip[:, 0], clip[:, 1])  # every frame gets the same crop and flip
+        rgb = denormalize(clip[:, 0]) * 255
+        columns, rows = rgb[0, 8], rgb[1, :, 8]
+        flips.append(bool(columns[0] > columns[-1]))
+        areas.append(float((columns[0] - columns[-1]).abs() * (rows[-1] - rows[0])) / 240**2)
+    flipped = [a for a, f in zip(areas, flips) if f]
+    assert 0.4 < len(flipped) / len(areas) < 0.6
+    assert min(flipped) < 0.4 and max(flipped) > 0.75, (min(flipped), max(flipped))
 
 
 def test_video_files_through_pyav(tmp_path):
     av = pytest.importorskip("av", reason="the [video] extra (PyAV) is not installed")
     path = tmp_path / "cat" / "clip.mp4"
     path.parent.mkdir()
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = 32
-        stream.pix_fmt = "yuv420p"
-        for k in range(12):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * k, np.uint8),
-                                               format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    _write_video(path, av, 12, gop=12)
     clip, label = VideoFolderDataset(tmp_path, 32, num_frames=4, sampling_rate=3,
                                      train=False)[0]
     assert clip.shape == (3, 4, 32, 32) and label == 0
@@ -128,7 +264,7 @@ def test_video_files_through_pyav(tmp_path):
 def test_pretrain_video_learns_on_the_built_in_clips(tmp_path):
     """`mae pretrain --video` (the demo's VideoMAE-Tiny, 8 frames of 32x32, 90% tube masking):
     three epochs of 256 clips, about a minute on 2 CPU cores; the loss falls by a quarter
-    (measured: 2.06 -> 1.52)."""
+    (measured: 0.70 -> 0.16, in VideoMAE's un-normalised pixel units)."""
     assert main(["pretrain", "--video", "--epochs", "3", "--dataset-size", "256",
                  "--num-workers", "0", "--quiet", "--output-dir", str(tmp_path)]) == 0
     epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

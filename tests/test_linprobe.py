@@ -1,0 +1,161 @@
+"""`mae linprobe`: main_linprobe.py's recipe for its flags (LARS, batch 512, the BatchNorm head,
+weak augmentation, the cls token), the demo's measured settings without them, the progress bar."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mae import linprobe as linprobe_module
+from mae.cli import main, parse_args
+from mae.data import SHAPE_CLASSES, ShapesDataset
+from mae.optim import LARS
+
+SMALL = "encoder_dim: 64\nencoder_layers: 2\ndecoder_dim: 32\ndecoder_layers: 1\n"
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A 2-block, 64-wide MAE pre-trained for one short epoch at 32x32, patch 8."""
+    out = tmp_path_factory.mktemp("pre")
+    (out / "small.yaml").write_text(SMALL)
+    assert main(["pretrain", "--config", str(out / "small.yaml"), "--input-size", "32",
+                 "--patch-size", "8", "--batch-size", "32", "--dataset-size", "64",
+                 "--num-workers", "0", "--epochs", "1", "--quiet", "--device", "cpu",
+                 "--output-dir", str(out)]) == 0
+    return out / "checkpoint-last.pth"
+
+
+def image_folder(root, classes, train: int, val: int):
+    """The built-in images of `classes` as DIR/{train,val}/<class>/*.png."""
+    for split, n in (("train", train), ("val", val)):
+        drawn = ShapesDataset(split=split, length=n)
+        for i in range(n):
+            if SHAPE_CLASSES[i % 10] in classes:
+                folder = root / split / SHAPE_CLASSES[i % 10]
+                folder.mkdir(parents=True, exist_ok=True)
+                drawn.load(i)[0].save(folder / f"{i}.png")
+    return root
+
+
+def test_official_command_line_parses_as_written():
+    """FINETUNE.md's linear-probing command (its --checkpoint spelling is --finetune)."""
+    args = parse_args(["linprobe", "--batch_size", "512", "--model", "vit_base_patch16",
+                       "--cls_token", "--finetune", "mae_pretrain_vit_base.pth", "--epochs", "90",
+                       "--blr", "0.1", "--weight_decay", "0.0", "--dist_eval",
+                       "--data_path", "/data/imagenet", "--nb_classes", "1000"])
+    assert args.checkpoint == "mae_pretrain_vit_base.pth" and not args.global_pool
+    assert (args.batch_size, args.epochs, args.blr, args.weight_decay) == (512, 90, 0.1, 0.0)
+    assert args.nb_classes == 1000 and args.warmup_epochs == 10
+    assert parse_args(["linprobe", "--checkpoint", "x.pth", "--global_pool"]).global_pool
+    assert not parse_args(["linprobe", "--checkpoint", "x.pth"]).global_pool  # cls token
+
+
+def test_official_flags_get_batch_512_and_the_demo_keeps_256():
+    official = parse_args(["linprobe", "--finetune", "x.pth", "--model", "vit_base_patch16"])
+    assert linprobe_module.apply_defaults(official) is False and official.batch_size == 512
+    folder = parse_args(["linprobe", "--finetune", "x.pth", "--data-path", "/data"])
+    assert linprobe_module.apply_defaults(folder) is False and folder.batch_size == 512
+    demo = parse_args(["linprobe", "--checkpoint", "x.pth"])
+    assert linprobe_module.apply_defaults(demo) is True and demo.batch_size == 256
+
+
+def test_the_head_is_main_linprobe_s():
+    torch.manual_seed(0)
+    head = linprobe_module.build_head(256, 10)
+    norm, linear = head
+    assert isinstance(norm, nn.BatchNorm1d) and not norm.affine and norm.eps == 1e-6
+    assert linear.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert torch.equal(linear.bias, torch.zeros(10))
+
+
+def test_augmentation_is_a_random_resized_crop_and_flip_per_epoch(monkeypatch):
+    seen = []
+    real = linprobe_module.random_resized_crop
+
+    def spy(img, size, rng, **kwargs):
+        seen.append(kwargs)
+        return real(img, size, rng, **kwargs)
+
+    monkeypatch.setattr(linprobe_module, "random_resized_crop", spy)
+    train = linprobe_module.ProbeTrainSet(ShapesDataset(split="train", length=4), 16, seed=0)
+    first, label = train[1]
+    assert first.shape == (3, 16, 16) and label == 1
+    assert seen == [{"scale": (0.08, 1.0)}]  # torchvision's default area range, not MAE's 0.2
+    assert torch.equal(train[1][0], first)  # the same draw for the same (seed, epoch, index)
+    train.set_epoch(1)
+    assert not torch.equal(train[1][0], first)
+
+
+def test_official_recipe_trains_with_lars_and_learns(encoder, tmp_path):
+    """On two of the built-in classes in an image folder (--data-path: the official recipe):
+    LARS, augmented images through the frozen encoder each step. The official absolute lr is
+    0.1 * 16384 / 256 = 6.4; LARS scales each step to 1e-3 of the weights, so it needs steps:
+    measured, the loss went from 0.91 (first epoch) to 0.63 (chance: ln 2 = 0.69) in 40 epochs
+    of 15 steps."""
+    data = image_folder(tmp_path / "data", {"h-stripes", "v-stripes"}, train=600, val=300)
+    result = linprobe_module.linprobe(parse_args([
+        "linprobe", "--finetune", str(encoder), "--data-path", str(data), "--lr", "6.4",
+        "--batch-size", "8", "--epochs", "40", "--warmup-epochs", "1", "--num-workers", "0",
+        "--quiet", "--device", "cpu"]))
+    assert result["recipe"] == "official" and result["optimizer"] == "LARS"
+    assert result["num_classes"] == 2 and result["train_images"] == 120
+    losses = result["epoch_losses"]
+    assert losses[-1] < math.log(2) - 0.03 and losses[-1] < losses[0] - 0.03, losses
+
+
+def test_demo_keeps_its_settings_and_shows_a_progress_bar(encoder, capsys):
+    argv = ["linprobe", "--checkpoint", str(encoder), "--epochs", "2", "--train-size", "64",
+            "--val-size", "20", "--num-workers", "0", "--device", "cpu"]
+    result = linprobe_module.linprobe(parse_args(argv))
+    assert (result["recipe"], result["optimizer"], result["batch_size"]) == ("demo", "SGD", 256)
+    assert "linprobe (demo)" in capsys.readouterr().err  # tqdm's bar
+    linprobe_module.linprobe(parse_args([*argv, "--quiet"]))
+    assert "linprobe" not in capsys.readouterr().err
+
+
+def test_model_that_does_not_match_the_checkpoint_is_an_error(encoder, capsys):
+    assert main(["linprobe", "--finetune", str(encoder), "--model", "vit_base_patch16",
+                 "--epochs", "1", "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--model vit_base_patch16" in err
+
+
+def lars_reference_step(layer, lr, weight_decay, trust=1e-3):
+    """One step from zero momentum, written out: the matrix gets weight decay and the trust
+    ratio, the bias neither."""
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    update = layer.weight.grad + weight_decay * weight
+    ratio = trust * weight.norm() / update.norm()
+    return weight - lr * ratio * update, bias - lr * layer.bias.grad
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_lars_is_mae_s_lars(weight_decay):
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3)
+    nn.functional.cross_entropy(layer(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
+    want_weight, want_bias = lars_reference_step(layer, 0.5, weight_decay)
+    LARS(layer.parameters(), lr=0.5, weight_decay=weight_decay).step()
+    torch.testing.assert_close(layer.weight.detach(), want_weight)
+    torch.testing.assert_close(layer.bias.detach(), want_bias)
+
+
+def test_lars_matches_timm_lars_set_up_as_mae_s():
+    """timm.optim.Lars with MAE's choices (momentum 0.9, the ratio on matrices always, biases
+    plain SGD, no eps) takes the same steps when there is no weight decay."""
+    timm_optim = pytest.importorskip("timm.optim")
+    torch.manual_seed(0)
+    ours, theirs = nn.Linear(8, 3), nn.Linear(8, 3)
+    theirs.load_state_dict(ours.state_dict())
+    optimizers = [LARS(ours.parameters(), lr=0.5),
+                  timm_optim.Lars([{"params": [theirs.weight], "always_adapt": True},
+                                   {"params": [theirs.bias]}], lr=0.5, momentum=0.9, eps=0.0)]
+    for _ in range(5):
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        for model, optimizer in zip((ours, theirs), optimizers):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b)
