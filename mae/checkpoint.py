@@ -23,7 +23,9 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -32,7 +34,10 @@ import torch
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth$")
 LAST_CHECKPOINT = "checkpoint-last.pth"
 # what write_atomically's mkstemp leaves behind when the process is killed mid-save
-STALE_TEMPORARY = re.compile(r"\.(checkpoint-(\d+|last)\.pth|log\.jsonl)\.[A-Za-z0-9_]{8}\.tmp")
+# (host and process in the name, so that a run deletes only what a dead writer left)
+STALE_TEMPORARY = re.compile(r"\.(checkpoint-(\d+|last)\.pth|log\.jsonl)\.(?P<host>[^/]+)\."
+                             r"(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp")
+STALE_ELSEWHERE_S = 3600  # another host's temporary this old is no save in progress
 SAFE_GLOBALS = [argparse.Namespace]
 TRUST_FLAG = "--unsafe-trust-checkpoint"
 
@@ -45,7 +50,8 @@ def write_atomically(path, write) -> Path:
     """`write(f)` into a temporary file beside `path`, flushed to disk, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}.{os.getpid()}.",
+                               suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -54,7 +60,7 @@ def write_atomically(path, write) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if _out_of_space(exc):
             free = shutil.disk_usage(path.parent).free
             kept = " (the file there before is intact)" if path.exists() else ""
             raise CheckpointError(f"cannot write {path}: no space left on the disk "
@@ -66,6 +72,16 @@ def write_atomically(path, write) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _out_of_space(exc: BaseException | None) -> bool:
+    """Whether a full disk (or quota) caused `exc`: torch.save's zip writer reports a failed
+    write as a RuntimeError whose context is the file's OSError."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def atomic_save(obj, path) -> Path:
@@ -84,10 +100,27 @@ def save_training_state(state: dict, output_dir, epoch: int, epochs: int, save_e
 def remove_stale_temporaries(output_dir) -> list[Path]:
     """Deletes the partial checkpoints (and logs) a write killed mid-way left in `output_dir`:
     only the temporary files `write_atomically` names. Returns them."""
-    stale = sorted(p for p in Path(output_dir).glob(".*.tmp") if STALE_TEMPORARY.fullmatch(p.name))
+    stale = sorted(p for p in Path(output_dir).glob(".*.tmp") if _abandoned(p))
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def _abandoned(path: Path) -> bool:
+    """A write_atomically temporary whose writer is gone: a dead process of this host, or, on a
+    shared file system, another host's file older than any save takes."""
+    match = STALE_TEMPORARY.fullmatch(path.name)
+    if match is None:
+        return False
+    if match["host"] != socket.gethostname():
+        return time.time() - path.stat().st_mtime > STALE_ELSEWHERE_S
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def checkpoints_newest_first(output_dir) -> list[Path]:

@@ -399,6 +399,8 @@ def read_config(path, parser: argparse.ArgumentParser, command: str) -> dict:
 def check_mask_ratio(args) -> None:
     """`mae pretrain`'s model as the run will build it (on a copy of the arguments): its config
     keys are valid and --mask-ratio masks at least one token and keeps one (ValueError)."""
+    from mae_kernels.masking import keep_count, tube_keep_count
+
     from .models import is_video
     from .pretrain import apply_defaults
 
@@ -410,13 +412,14 @@ def check_mask_ratio(args) -> None:
              else [config["img_size"]] * 2)]
     per_frame = grid[0] * grid[1]
     ratio = resolved.mask_ratio
-    if is_video(config):  # VideoMAE masks int(S * ratio) of each frame's S patches
-        masked, kept = int(per_frame * ratio), per_frame - int(per_frame * ratio)
-        tokens = f"{per_frame} patches per frame"
-    else:  # the official len_keep = int(L * (1 - ratio))
-        kept = int(per_frame * (1 - ratio))
-        masked, tokens = per_frame - kept, f"{per_frame} patches"
-    if masked < 1 or kept < 1:
+    video = is_video(config)
+    try:  # the count the model's masking op will use
+        kept = (tube_keep_count if video else keep_count)(per_frame, ratio)
+    except ValueError as exc:
+        raise ValueError(f"--mask-ratio: {exc}") from None
+    masked = per_frame - kept
+    tokens = f"{per_frame} patches" + (" per frame" if video else "")
+    if masked < 1:
         raise ValueError(f"--mask-ratio {ratio} masks {masked} and keeps {kept} of {tokens}: "
                          f"it must mask at least one and keep at least one")
 

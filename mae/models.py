@@ -109,10 +109,19 @@ def run_decoder(model, x: torch.Tensor, ids_restore: torch.Tensor,
 
 
 class Features(NamedTuple):
-    """What `encode` returns: the cls token and the mean of the patch tokens, after the norm."""
+    """What `encode` returns: the cls token after the encoder's norm, and the global-pool
+    feature of the official fine-tune/probe models (models_vit.py with global_pool): the mean of
+    the patch tokens before the norm, through a fresh `fc_norm` LayerNorm (as main_linprobe.py
+    leaves it: weight 1, bias 0, eps 1e-6)."""
 
     cls_token: torch.Tensor
     patch_mean: torch.Tensor
+
+
+def global_pool(tokens: torch.Tensor) -> torch.Tensor:
+    """`Features.patch_mean` of tokens (B, N, D) taken before the encoder's norm."""
+    pooled = tokens.mean(dim=1)
+    return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -275,8 +284,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat((cls.to(x.dtype), x), dim=1)
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x)
-        return Features(cls_token=x[:, 0], patch_mean=x[:, 1:].mean(dim=1))
+        return Features(cls_token=self.norm(x)[:, 0], patch_mean=global_pool(x[:, 1:]))
 
 
 # Named models as config dicts (the keys of `MAE`); the official ones are models_mae.py's.

@@ -29,6 +29,7 @@ from .models import (
     MaskedAutoencoderViT,
     Output,
     _pair,
+    global_pool,
     resolve_config,
     run_decoder,
 )
@@ -170,12 +171,13 @@ class VideoMAE(nn.Module):
         return Output(loss, pred, mask, self.unpatchify)
 
     def encode(self, videos: torch.Tensor) -> Features:
-        """Every tubelet, no masking; without a cls token both features are the mean token."""
+        """Every tubelet, no masking; without a cls token both features are the global pool
+        (VideoMAE's fine-tuning model: the mean token before the norm, through a fresh fc_norm)."""
         self._check_videos(videos)
         x = self.patch_embed(videos) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        pooled = self.norm(x).mean(dim=1)
+        pooled = global_pool(x)
         return Features(cls_token=pooled, patch_mean=pooled)
 
 

@@ -174,6 +174,8 @@ def _read_video(path: Path, choose) -> list:
             start = stream.start_time or 0
 
             def index(frame) -> int:
+                if frame.pts is None:  # unseekable as well: refused like any unreadable clip
+                    raise ValueError("a decoded frame has no timestamp")
                 return round((frame.pts - start) * stream.time_base * rate)
 
             if wanted[0] > 0:  # to the key frame at or before the first pick

@@ -7,7 +7,11 @@ import errno
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +76,32 @@ def photo(tmp_path):
 def test_a_full_disk_is_one_line_naming_the_file_and_free_space(run, capsys, monkeypatch):
     before = ckpt.load_checkpoint(run / "checkpoint-last.pth")
 
-    def disk_full(obj, f):
-        f.write(b"the first bytes fit")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk:  # a checkpoint file whose disk fills after its first 4 KiB
+        def __init__(self, f):
+            self.f, self.written = f, 0
 
-    monkeypatch.setattr(torch, "save", disk_full)
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):  # the real torch.save, writing to that disk
+        f = real_fdopen(fd, *args, **kwargs)
+        return FullDisk(f) if ".checkpoint-" in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
     capsys.readouterr()
     assert pretrain_main(run, "--epochs", "3", "--resume", "auto") == 1
     line = one_error_line(capsys)
@@ -91,18 +116,29 @@ def test_a_full_disk_is_one_line_naming_the_file_and_free_space(run, capsys, mon
 def test_a_run_removes_the_partial_files_a_killed_save_left(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    # what write_atomically's mkstemp makes, left behind by kill -9
-    stale = []
-    for name in ("checkpoint-last.pth", "checkpoint-20.pth", "log.jsonl"):
-        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+    def temporary(name, writer):  # what write_atomically's mkstemp makes
+        fd, path = tempfile.mkstemp(prefix=f".{name}.{writer}.", suffix=".tmp", dir=out)
         os.close(fd)
-        stale.append(Path(path))
-    others = [out / ".notes.tmp", out / ".checkpoint-last.pth.tmp", out / "checkpoint-1.pth"]
-    for path in others:
+        return Path(path)
+
+    # left behind by a writer killed with -9, and by another host's, long ago
+    stale = [temporary(name, f"{host}.{dead}")
+             for name in ("checkpoint-last.pth", "checkpoint-20.pth", "log.jsonl")]
+    stale.append(temporary("checkpoint-last.pth", "node-7.cluster.1234"))
+    os.utime(stale[-1], (time.time() - 7200,) * 2)
+    # a save in progress: this live process's, another host's just now
+    others = [temporary("checkpoint-last.pth", f"{host}.{os.getpid()}"),
+              temporary("checkpoint-last.pth", "node-7.cluster.1234")]
+    others += [out / ".notes.tmp", out / ".checkpoint-last.pth.tmp", out / "checkpoint-1.pth"]
+    for path in others[2:]:
         path.write_text("not ours")
     args = argparse.Namespace(device="cpu", output_dir=str(out), seed=0)
     start_run(args)
-    assert "removed 3 partial file(s)" in capsys.readouterr().out
+    assert "removed 4 partial file(s)" in capsys.readouterr().out
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in others)
 

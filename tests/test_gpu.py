@@ -6,6 +6,7 @@ import torch
 import mae_kernels as mk
 from mae_kernels import reference as ref
 from mae_kernels import tokens
+from mae_kernels.augment import IMAGENET_MEAN, IMAGENET_STD
 
 from .utils import TOLERANCES, assert_close, count_launches, running
 
@@ -245,7 +246,9 @@ def test_patchify3d_unpatchify3d_are_the_cpu_kernels_bit_for_bit(target, dtype):
 
 def _loss_and_grad(videos, pred, mask, patch_size, norm_pix_loss, tubelet_size):
     pred = pred.detach().requires_grad_()
-    loss = mk.mae_loss(videos, pred, mask, patch_size, norm_pix_loss, tubelet_size=tubelet_size)
+    # un-normalised with ImageNet's statistics, as VideoMAE.predict calls it
+    loss = mk.mae_loss(videos, pred, mask, patch_size, norm_pix_loss, tubelet_size=tubelet_size,
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD)
     (grad,) = torch.autograd.grad(loss, pred)
     return loss.detach(), grad
 

@@ -119,10 +119,19 @@ def test_pred_unpatchifies_to_an_image():
     assert model.unpatchify(pred).shape == (2, 3, 32, 48)
 
 
-def test_encode_features():
+def test_encode_features_are_the_official_cls_token_and_global_pool():
+    """cls: the encoder's norm of the cls token; global pool: models_vit.py's, the mean of the
+    patch tokens before the norm through a fresh fc_norm (LayerNorm, weight 1, bias 0)."""
     model = small()
-    feats = model.encode(torch.randn(2, 3, 32, 32))
-    assert feats.cls_token.shape == (2, 32) and feats.patch_mean.shape == (2, 32)
+    imgs = torch.randn(2, 3, 32, 32)
+    feats = model.encode(imgs)
+    x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1),
+                   model.patch_embed(imgs) + model.pos_embed[:, 1:]], dim=1)
+    for blk in model.blocks:
+        x = blk(x)
+    fc_norm = torch.nn.LayerNorm(32, eps=1e-6)
+    torch.testing.assert_close(feats.cls_token, model.norm(x)[:, 0])
+    torch.testing.assert_close(feats.patch_mean, fc_norm(x[:, 1:].mean(dim=1)))
 
 
 def test_interpolate_pos_embed_loads_at_new_size():

@@ -183,12 +183,14 @@ def test_every_rank_gets_its_own_gpu_under_torchrun(tmp_path):
     """`--device cuda` under torchrun: rank r trains on cuda:LOCAL_RANK (not cuda:0 on every
     rank). Checked on CPU through the same function pretrain calls, in real torchrun ranks."""
     script = tmp_path / "rank_device.py"
+    # one os.write per rank: the ranks share one pipe, and print's separate writes interleave
     script.write_text(
         "import os\n"
         "from mae import distributed\n"
-        "print('rank', os.environ['RANK'], distributed.device_for_rank('cuda', "
-        "int(os.environ['LOCAL_RANK'])), distributed.device_for_rank('cuda:3', 1), "
-        "distributed.device_for_rank('cpu', 1), flush=True)\n"
+        "line = ' '.join(map(str, ['rank', os.environ['RANK'], distributed.device_for_rank("
+        "'cuda', int(os.environ['LOCAL_RANK'])), distributed.device_for_rank('cuda:3', 1), "
+        "distributed.device_for_rank('cpu', 1)]))\n"
+        "os.write(1, (line + '\\n').encode())\n"
     )
     torchrun = f"{sys.executable} -m torch.distributed.run"  # this interpreter, not PATH's
     result = subprocess.run([*torchrun.split(), "--standalone", "--nproc_per_node=2",
