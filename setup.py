@@ -105,10 +105,13 @@ setup(
         "matplotlib",
         "pyyaml",  # --config files (safe_load)
         "safetensors",  # mae export
+        "webdataset",  # tar shards (--data-path 'train-{000000..000127}.tar'); pure Python
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers",
-                 "scikit-learn", "scikit-image"],
+                 "scikit-learn", "scikit-image", "tensorboard", "wandb"],
+        # --log-dir (TensorBoard event files) and --wandb (Weights & Biases)
+        "logging": ["tensorboard", "wandb"],
         # timm needs torchvision; install the torchvision of your torch first (torch 2.14.1:
         # torchvision 0.29.1) so pip does not replace torch.
         # Pillow 13 rejects posterize(bits=0), which timm's RandAugment ("rand-m9-mstd0.5-inc1")

@@ -12,6 +12,7 @@ MARKS = {
     "compiled": "torch.compile cases",
     "step": "the whole pre-training step",
     "long_compile": "ops whose compiled reference takes minutes to build",
+    "loader": "the input pipeline: resized_crop and the loaders' per-image stages",
 }
 
 

@@ -83,6 +83,23 @@ def step_table(benches: list[dict]) -> tuple[list[str], dict]:
     return lines, chart
 
 
+def loader_table(benches: list[dict]) -> tuple[list[str], dict]:
+    """Images per second of one process at each stage of the input pipeline, and what a worker
+    sends to the main process per image."""
+    lines = ["| stage | loader | batch | images/s per process | bytes per image to the main "
+             "process |", "|---|---|---:|---:|---:|"]
+    chart = {}
+    for b in benches:
+        info = b["extra_info"]
+        ips = info.get("images_per_sec")
+        rate = f"{ips:.0f}" if ips else "-"
+        sent = f"{info['bytes_per_image']:,}" if "bytes_per_image" in info else "-"
+        lines.append(f"| {info['stage']} | {info['impl']} | {info.get('batch', 1)} | {rate} | "
+                     f"{sent} |")
+        chart.setdefault(info["stage"], {})[info["impl"]] = ips or 0
+    return lines, chart
+
+
 def bar_chart(title: str, chart: dict, ylabel: str, path: Path) -> None:
     cases = list(chart)
     impls = sorted({i for c in chart.values() for i in c})
@@ -153,11 +170,13 @@ def main(argv=None) -> None:
         groups[b["group"] or b["name"]].append(b)
     for group, benches in groups.items():
         steps = group.startswith("pretrain step")
-        lines, chart = step_table(benches) if steps else op_table(benches)
+        loader = group == "loader"
+        table = step_table if steps else loader_table if loader else op_table
+        lines, chart = table(benches)
         slug = group.replace(" ", "_")
         out += [f"## {group}", ""]
         if not args.no_plots:
-            bar_chart(group, chart, "images/s" if steps else "ms (lower is better)",
+            bar_chart(group, chart, "images/s" if steps or loader else "ms (lower is better)",
                       args.plots / f"{slug}.png")
             out += [f"![{group}](plots/{slug}.png)", ""]
         out += [*lines, ""]

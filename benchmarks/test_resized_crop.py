@@ -13,11 +13,13 @@ import torch
 
 import mae_kernels
 
-from .common import CUDA, run_case
-from .test_ops import _select
+from .common import CUDA, GPU_SIZES, run_case
+from .test_ops import IMPLS, _select
 
 DEVICE = "cuda" if CUDA else "cpu"
-BATCHES = [64, 256] if CUDA else [8]
+BATCHES = [64, 256] if GPU_SIZES else [8]
+# the GPU plan's loader extras (scripts/gpu_plan.py) select these and the loader's stages
+pytestmark = pytest.mark.loader
 SIZE, PATCH = 224, 16
 
 
@@ -36,7 +38,7 @@ def _photos(B: int):
 
 @pytest.mark.parametrize("layout", ["images", "patches"])
 @pytest.mark.parametrize("B", BATCHES)
-@pytest.mark.parametrize("impl", ["reference", "compiled", "ours"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_resized_crop(benchmark, impl, B, layout):
     op = _select(benchmark, impl, "resized_crop")
     dtype, patch_size = ((torch.float32, None) if layout == "images"

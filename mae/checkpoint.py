@@ -3,7 +3,9 @@
 Writing: to a temporary file in the same folder, flushed to disk, then renamed over the old one,
 so a kill mid-write leaves the previous checkpoint intact. Each run keeps the official cadence
 (`checkpoint-<epoch>.pth` every `--save-every` epochs and at the last) plus one rolling
-`checkpoint-last.pth`, rewritten every epoch, that `--resume auto` continues from.
+`checkpoint-last.pth`, rewritten every epoch, that `--resume auto` continues from. An `--fsdp`
+run writes the same names as sharded directories (`checkpoint-<epoch>/`, mae.fsdp), which
+`load_checkpoint` reads consolidated.
 
 Reading: `torch.load(weights_only=True)`, which unpickles tensors, plain containers and the
 classes allowed below, and nothing that could execute code. Allowed beyond PyTorch's own list:
@@ -17,75 +19,36 @@ a full disk while writing) is a one-line `CheckpointError` naming the file.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import pickle
 import re
-import shutil
 import socket
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 import torch
 
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth$")
-LAST_CHECKPOINT = "checkpoint-last.pth"
+from .checkpoint_format import (
+    LAST_CHECKPOINT,
+    SHARDED_META,
+    TRUST_FLAG,
+    CheckpointError,
+    atomic_save,
+    model_weights,
+    weights_kind,  # noqa: F401 (the commands import it from here, with the rest)
+    write_atomically,
+)
+
+# a file, or (no suffix) a sharded checkpoint's directory (mae.fsdp)
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)(\.pth)?$")
 # what write_atomically's mkstemp leaves behind when the process is killed mid-save
 # (host and process in the name, so that a run deletes only what a dead writer left)
 STALE_TEMPORARY = re.compile(r"\.(checkpoint-(\d+|last)\.pth|log\.jsonl)\.(?P<host>[^/]+)\."
                              r"(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp")
 STALE_ELSEWHERE_S = 3600  # another host's temporary this old is no save in progress
 SAFE_GLOBALS = [argparse.Namespace]
-TRUST_FLAG = "--unsafe-trust-checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read safely, or does not hold what the command needs."""
-
-
-def write_atomically(path, write) -> Path:
-    """`write(f)` into a temporary file beside `path`, flushed to disk, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}.{os.getpid()}.",
-                               suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if _out_of_space(exc):
-            free = shutil.disk_usage(path.parent).free
-            kept = " (the file there before is intact)" if path.exists() else ""
-            raise CheckpointError(f"cannot write {path}: no space left on the disk "
-                                  f"({free / 2**20:.1f} MiB free in {path.parent}){kept}") from exc
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def _out_of_space(exc: BaseException | None) -> bool:
-    """Whether a full disk (or quota) caused `exc`: torch.save's zip writer reports a failed
-    write as a RuntimeError whose context is the file's OSError."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def atomic_save(obj, path) -> Path:
-    return write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def save_training_state(state: dict, output_dir, epoch: int, epochs: int, save_every: int):
@@ -124,15 +87,41 @@ def _abandoned(path: Path) -> bool:
 
 
 def checkpoints_newest_first(output_dir) -> list[Path]:
-    """The run's checkpoints, newest first: `checkpoint-last.pth`, then by epoch."""
+    """The run's checkpoints, newest first by the (epoch, step within it) each holds: a
+    `checkpoint-last.pth` (or sharded `checkpoint-last/`) saved mid-epoch by a stop signal comes
+    after a numbered checkpoint of that epoch's end, one saved at an epoch's end before the
+    numbered one of that epoch. Files whose position cannot be read keep their names' order."""
+    from .fsdp import restore_stepped_aside
+
     output_dir = Path(output_dir)
+    for old in output_dir.glob(".checkpoint-*.old"):  # a sharded save killed between renames
+        restore_stepped_aside(output_dir / old.name[1:].removesuffix(".old"))
     found = []
-    for p in output_dir.glob("checkpoint-*.pth"):
+    for p in output_dir.glob("checkpoint-*"):
         match = CHECKPOINT_PATTERN.search(p.name)
-        if match:
+        if match and (p.is_file() if match.group(2) else p.is_dir()):
             found.append((int(match.group(1)), p))
     last = [output_dir / LAST_CHECKPOINT] if (output_dir / LAST_CHECKPOINT).is_file() else []
-    return last + [p for _, p in sorted(found, reverse=True)]
+    sharded_last = output_dir / Path(LAST_CHECKPOINT).stem
+    last += [sharded_last] if sharded_last.is_dir() else []
+    by_name = last + [p for _, p in sorted(found, reverse=True)]
+    return sorted(by_name, key=_position, reverse=True)  # stable: ties keep the names' order
+
+
+def _position(path: Path) -> tuple[float, float]:
+    """(epoch, steps done in it) a checkpoint records, read without its tensors (mmap); for a
+    file that does not say, its name's epoch (last: newest) and a complete epoch."""
+    match = CHECKPOINT_PATTERN.search(path.name)
+    by_name = (float(match.group(1)) if match else float("inf"), float("inf"))
+    try:
+        if path.is_dir():
+            path = path / SHARDED_META
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        epoch = state["epoch"]
+        return float(epoch), float(state.get("epoch_step", float("inf")))
+    except Exception:  # noqa: BLE001 (unreadable here: reported when it is loaded for real)
+        return by_name
 
 
 def latest_checkpoint(output_dir) -> Path | None:
@@ -167,7 +156,24 @@ def _check_format(path: Path) -> None:
 
 def load_checkpoint(path, map_location="cpu", trust: bool = False) -> dict:
     """The checkpoint's contents, read without running any code from it (see the module doc)."""
-    path = Path(path)
+    state = _read_checkpoint(Path(path), map_location, trust)
+    from . import distributed
+    from .interop import describe
+
+    if distributed.is_main():
+        print(f"read {path}: {describe(state, path)}")
+    return state
+
+
+def _read_checkpoint(path: Path, map_location, trust: bool) -> dict:
+    from .interop import is_hf_dir, load_hf_dir
+
+    if is_hf_dir(path):
+        return load_hf_dir(path)
+    if path.is_dir():  # a sharded checkpoint (--fsdp): its model consolidated in memory
+        from .fsdp import consolidate
+
+        return consolidate(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -224,25 +230,6 @@ def _load_safetensors(path: Path, map_location) -> dict:
         raise CheckpointError(f"checkpoint {path}: its metadata 'args' is not JSON ({exc})") \
             from exc
     return {"model": weights, "args": args}
-
-
-def model_weights(state: dict) -> dict:
-    """The model state dict of a checkpoint: ours and the official ones keep it under 'model'."""
-    weights = state.get("model")
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"the checkpoint has no 'model' weights (keys: {sorted(state)})")
-    return weights
-
-
-def weights_kind(state: dict) -> str | None:
-    """"pre-training" for an MAE's weights (it has a decoder), "fine-tuning" for a classifier's,
-    None when neither shows (the official checkpoints hold one or the other)."""
-    weights = state.get("model")
-    if not isinstance(weights, dict):
-        return None
-    if "mask_token" in weights or any(k.startswith("decoder") for k in weights):
-        return "pre-training"
-    return "fine-tuning" if "head.weight" in weights else None
 
 
 def load_weights(model, state: dict, source: str, expected: str) -> None:

@@ -7,7 +7,8 @@ Every flag and --config value is checked before anything runs or is written, wit
 line naming the flag or key. Exit codes: 2 for a value wrong by itself (argparse's convention:
 its own errors, our `type=` checks, --config flag values), 1 for what the model or command
 refuses (an MAE config key, a --mask-ratio that keeps no patch of the model) or a run that
-fails (missing data, an unreadable checkpoint, a non-finite loss)."""
+fails (missing data, an unreadable checkpoint, a non-finite loss). A training run stopped by
+SIGTERM or SIGUSR1 saves its step and exits 0, by SIGINT 130 (`mae.preemption`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -54,6 +56,7 @@ non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _checked(float, lambda v: v > 0, "a number > 0")
 non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 probability = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+crop_scale = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 below_one = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 # 0 masks nothing (the loss is 0/0), 1 keeps nothing; the token count is checked per model.
 mask_ratio = _checked(float, lambda v: 0 < v < 1,
@@ -134,7 +137,12 @@ def _common(parser):
     _flag(parser, "seed", type=non_negative_int, default=0)
     _flag(parser, "data-path", default=None,
           help="image folder (DIR/train/<class>/*, DIR/val/<class>/*); default: the built-in "
-               "shapes data set")
+               "shapes data set; or WebDataset tar shards: 'train-{000000..000127}.tar', a "
+               "'::' list, or the folder `mae shards` wrote")
+    _flag(parser, "data-loader", choices=["pil", "gpu"], default=None,
+          help="pil: Pillow decodes and augments in the DataLoader workers; gpu: the workers "
+               "read bytes, the run's device decodes (torchvision.io) and crops (the fused "
+               "resized_crop op). Default: gpu on CUDA with torchvision, else pil")
     _flag(parser, "quiet", action="store_true", help="no progress bar")
     _trust(parser)
 
@@ -143,6 +151,25 @@ def _trust(parser):
     parser.add_argument(TRUST_FLAG, dest="unsafe_trust_checkpoint", action="store_true",
                         help="load checkpoints with full pickle, which can run code from the "
                              "file: only for files whose source you trust")
+
+
+# timm's interpolation names (timm.data.transforms: str_to_interp_mode, and 'random')
+INTERPOLATIONS = ["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"]
+
+
+def _augmentation(parser):
+    """The random resized crop and flip every image-classification recipe draws, under timm's
+    names (create_transform's scale / ratio / hflip, train.py's --scale / --ratio / --hflip);
+    the defaults are torchvision's and main_finetune.py's / main_linprobe.py's."""
+    _flag(parser, "scale", type=crop_scale, nargs=2, default=[0.08, 1.0], metavar=("LOW", "HIGH"),
+          help="random resized crop: the range of the crop's area fraction (timm's scale; "
+               "default 0.08 1). Small images: 0.5 1 or 0.8 1")
+    _flag(parser, "ratio", type=positive_float, nargs=2, default=[3 / 4, 4 / 3],
+          metavar=("LOW", "HIGH"), help="random resized crop: the range of the crop's aspect "
+                                        "ratio (timm's ratio; default 3/4 4/3)")
+    _flag(parser, "hflip", type=probability, default=0.5,
+          help="horizontal flip probability (timm's hflip; default 0.5). 0 for images whose "
+               "mirror image is another thing (characters, digits, text)")
 
 
 def _training(parser, batch_size: int, blr, weight_decay: float, min_lr: float):
@@ -163,9 +190,19 @@ def _training(parser, batch_size: int, blr, weight_decay: float, min_lr: float):
     _flag(parser, "compile", action="store_true")
     _flag(parser, "output-dir", type=output_dir, default="./output_dir")
     _flag(parser, "resume", default="", help="a checkpoint, or 'auto' for the run's newest")
+    _flag(parser, "requeue", action="store_true",
+          help="in a SLURM job: after a stop by SIGUSR1 (sbatch --signal=USR1@SECONDS, the "
+               "time-limit warning), `scontrol requeue` the job, which continues with --resume "
+               "auto (SIGTERM, from scancel or a preemption, is not requeued)")
     _flag(parser, "save-every", type=positive_int, default=20,
           help="epochs between numbered checkpoints (checkpoint-last.pth is written every epoch)")
     _flag(parser, "log-every", type=positive_int, default=20, help="steps between log lines")
+    _flag(parser, "log-dir", type=output_dir, default=None,
+          help="also write TensorBoard event files here (train_loss, lr, images_per_sec at "
+               "epoch_1000x, as main_pretrain.py; needs tensorboard)")
+    _flag(parser, "wandb", default=None, metavar="PROJECT",
+          help="also log to this Weights & Biases project (offline without an API key; "
+               "needs wandb)")
     _flag(parser, "num-workers", type=non_negative_int, default=2)
     _flag(parser, "dataset-size", type=positive_int, default=None, help="built-in data set size")
 
@@ -205,6 +242,24 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
           help="what the decoder predicts: pixels (norm_pix: --norm-pix-loss) or MaskFeat's "
                "HOG features (images; patch size a multiple of 8)")
     _flag(pre, "no-kernels", action="store_true", help="run the reference ops instead")
+    _flag(pre, "fsdp", action="store_true",
+          help="FSDP2: shard parameters, gradients and AdamW states over the processes "
+               "(every block and the root; bf16 parameters, fp32 reduction under --amp bf16); "
+               "checkpoints become sharded checkpoint-N/ folders. One process: a group of one "
+               "(nothing sharded, same checkpoints)")
+    _flag(pre, "grad-checkpointing", action="store_true",
+          help="activation checkpointing: every block keeps its input only and recomputes "
+               "the rest in the backward pass")
+    _flag(pre, "online-probe", action="store_true",
+          help="train a linear probe (BatchNorm + linear) beside the MAE on each step's "
+               "detached encoder features (the mean of the kept tokens) and score it on the "
+               "val split each epoch; needs labelled data (the built-in set, class folders)")
+    _flag(pre, "probe-optimizer", choices=["adamw", "lars"], default="adamw",
+          help="the online probe's optimizer (lars: main_linprobe.py's)")
+    _flag(pre, "probe-lr", type=positive_float, default=None,
+          help="the online probe's lr (default: AdamW 1e-3; LARS 0.1 * batch / 256)")
+    _flag(pre, "probe-val-size", type=positive_int, default=None,
+          help="built-in val images the online probe is scored on (default 1024)")
     pre.set_defaults(model_config=None, clip_grad=None)
 
     fine = sub.add_parser("finetune", help="fine-tune a pre-trained encoder (needs the "
@@ -219,12 +274,23 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _flag(fine, "random-init", action="store_true",
           help="train the ViT of --finetune from random weights: the from-scratch baseline "
                "with the same architecture, recipe and budget")
+    _flag(fine, "config", default=None,
+          help="YAML or JSON file of flags (e.g. scale: [0.5, 1.0], hflip: 0); flags on the "
+               "command line override it")
     _flag(fine, "drop-path", type=below_one, default=0.1)
     _flag(fine, "clip-grad", type=positive_float, default=None)
     _flag(fine, "layer-decay", type=positive_float, default=None,
           help="layer-wise lr decay (default 0.65 for a ViT-B encoder, else 0.75; keyed on "
                "the architecture, named or read from --finetune)")
-    _flag(fine, "color-jitter", type=non_negative_float, default=None)
+    _augmentation(fine)
+    _flag(fine, "train-interpolation", choices=INTERPOLATIONS, default="bicubic",
+          help="the training crop's resampling (timm's name; default bicubic, "
+               "main_finetune.py's; random: bilinear or bicubic per image)")
+    _flag(fine, "vflip", type=probability, default=0.0,
+          help="vertical flip probability (timm's vflip)")
+    _flag(fine, "color-jitter", type=non_negative_float, default=None,
+          help="colour jitter strength (timm's color_jitter; default off, main_finetune.py's; "
+               "timm skips it when RandAugment is on)")
     _flag(fine, "aa", default=None, help="RandAugment policy ('none': off)")
     _flag(fine, "smoothing", type=below_one, default=0.1)
     _flag(fine, "reprob", type=probability, default=None, help="random erasing probability")
@@ -273,6 +339,9 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
           help="accepted for main_linprobe.py command lines (linprobe runs in one process)")
     _flag(probe, "random-init", action="store_true",
           help="probe a randomly initialised encoder of the same shape (a baseline)")
+    _augmentation(probe)  # main_linprobe.py's crop and flip (not the demo: no augmentation)
+    _flag(probe, "config", default=None,
+          help="YAML or JSON file of flags; flags on the command line override it")
     _flag(probe, "train-size", type=positive_int, default=None)
     _flag(probe, "val-size", type=positive_int, default=None)
 
@@ -284,10 +353,20 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _flag(vis, "seed", type=non_negative_int, default=0)
     _trust(vis)
 
-    export = sub.add_parser("export", help="write a checkpoint's weights as .safetensors")
+    export = sub.add_parser("export", help="write a checkpoint's weights as .safetensors, a "
+                                           "Hugging Face ViTMAE directory or a timm encoder")
     _flag(export, "checkpoint", required=True)
-    export.add_argument("-o", "--output", required=True)
+    export.add_argument("-o", "--output", required=True,
+                        help="a .safetensors file (safetensors, timm) or a directory (hf)")
+    _flag(export, "format", choices=["safetensors", "hf", "timm"], default="safetensors",
+          help="safetensors: our weights and args; hf: ViTMAEForPreTraining.from_pretrained's "
+               "directory; timm: the encoder for timm's matching vit_* (strict=True)")
     _trust(export)
+
+    plot = sub.add_parser("plot", help="draw a run's loss, lr and probe accuracy from its "
+                                       "log.jsonl into RUN_DIR/curves.png")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run's --output-dir")
+    plot.add_argument("-o", "--output", default=None, help="default: RUN_DIR/curves.png")
 
     ablate = sub.add_parser("ablate", help="the paper's ablation tables on the built-in data")
     _flag(ablate, "output-dir", type=output_dir, default="runs/ablate")
@@ -320,6 +399,15 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
     _threads(anomaly)
     _trust(anomaly)
 
+    shards = sub.add_parser("shards", help="write WebDataset tar shards of an image folder")
+    shards.add_argument("source", metavar="DIR", help="DIR/train/<class>/*, DIR/val/<class>/* "
+                                                       "(or DIR/<class>/*: the train split)")
+    shards.add_argument("out", metavar="OUT", help="writes OUT/<split>-000000.tar ... and "
+                                                    "OUT/<split>-index.json")
+    _flag(shards, "shard-size", type=positive_int, default=1000, help="samples per shard")
+    _flag(shards, "seed", type=non_negative_int, default=0,
+          help="seeds the one shuffle of the samples (so each shard mixes the classes)")
+
     for command, values in (config_defaults or {}).items():
         sub.choices[command].set_defaults(**values)
     parser.commands = sub.choices
@@ -336,8 +424,10 @@ def config_value(action: argparse.Action, key: str, value):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if value is None:
-        return None
+    if value is None:  # null: "unset", where the flag has an unset default (None or "")
+        if action.default not in (None, ""):
+            raise UsageError(f"--config: {key} must be a value, not null")
+        return action.default
     values = value if action.nargs is not None else [value]
     if action.nargs is not None and (not isinstance(value, list) or len(value) != action.nargs):
         raise bad(f"a list of {action.nargs}")
@@ -386,11 +476,14 @@ def read_config(path, parser: argparse.ArgumentParser, command: str) -> dict:
                 defaults[dest] = config_value(actions[dest], key, value)
             except UsageError as exc:
                 raise UsageError(str(exc).replace("--config:", f"--config {path}:", 1)) from None
-        elif dest in DEFAULT_CONFIG:
+        elif dest in DEFAULT_CONFIG and command == "pretrain":
             model_config[dest] = value
-        else:
+        elif command == "pretrain":
             raise UsageError(f"--config {path}: unknown key {key!r} (neither a "
                              f"`mae {command}` flag nor an MAE config key)")
+        else:  # the encoder's shape comes from its checkpoint
+            raise UsageError(f"--config {path}: unknown key {key!r} (not a `mae {command}` "
+                             f"flag)")
     if model_config:
         defaults["model_config"] = model_config
     return defaults
@@ -428,16 +521,68 @@ def validate(args) -> None:
     """The checks that need more than one flag, before anything runs; fills in --threads."""
     if hasattr(args, "threads") and args.threads is None:
         args.threads = default_threads(getattr(args, "num_workers", 0))
+    from .tracking import missing_package
+
+    if missing_package(args):
+        raise UsageError(missing_package(args))
+    video = getattr(args, "video", False)
+    if hasattr(args, "data_loader") and args.data_loader is None:
+        from .gpu_data import default_loader
+
+        args.data_loader = default_loader(args.device, video)
+    elif getattr(args, "data_loader", None) == "gpu" and video:
+        raise UsageError("--data-loader gpu is for images: --video clips are decoded in the "
+                         "DataLoader workers (use --data-loader pil)")
+    elif getattr(args, "data_loader", None) == "gpu":
+        from .gpu_data import pillow_fallback_warning
+
+        if warning := pillow_fallback_warning(args.device):
+            print(warning, file=sys.stderr)
     if args.command == "pretrain":
+        if args.online_probe and args.video:
+            raise ValueError("--online-probe probes image MAEs; --video clips have no labels")
         check_mask_ratio(args)
+        from .fsdp import check_args
+
+        check_args(args)
+    for name in ("scale", "ratio"):  # LOW HIGH ranges of the crop
+        low_high = getattr(args, name, None)
+        if low_high is not None and low_high[0] > low_high[1]:
+            where = (f"--config {args.config}: {name}" if args.sources.get(name) == "config"
+                     else f"--{name}")
+            raise UsageError(f"{where} must be LOW HIGH with LOW <= HIGH, got "
+                             f"{' '.join(map(str, low_high))}")
+
+
+def given_on_command_line(argv, command: str) -> set[str]:
+    """The flags (dests) the command line itself sets: parsed with every default suppressed."""
+    parser = build_parser()
+    actions = parser.commands[command]._actions
+    for action in actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) & {a.dest for a in actions}
+
+
+def value_sources(parser, argv, command: str, config: dict) -> dict:
+    """Where each value comes from, for the recipe printout: 'flag', 'config' (--config file,
+    flags and MAE config keys), 'default' (the flag's own default); flags left None are filled
+    by the command (its demo or official defaults) and say so themselves."""
+    sources = {a.dest: "default" for a in parser.commands[command]._actions
+               if a.default is not None and a.default is not argparse.SUPPRESS}
+    sources.update(dict.fromkeys([*config, *config.get("model_config", {})], "config"))
+    sources.pop("model_config", None)
+    sources.update(dict.fromkeys(given_on_command_line(argv, command), "flag"))
+    return sources
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    defaults = {}
     if getattr(args, "config", None):
         defaults = read_config(args.config, parser, args.command)
         args = build_parser({args.command: defaults}).parse_args(argv)
+    args.sources = value_sources(parser, argv, args.command, defaults)
     if getattr(args, "resume", None) == "":
         args.resume = None
     validate(args)
@@ -446,7 +591,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from .engine import NonFiniteLossError
+    from .preemption import Interrupted, Preempted, StopSignals, requeue
 
+    finished = False  # every rank ended the same work: they part in step (distributed.shutdown)
     try:
         args = parse_args(argv)
         if getattr(args, "threads", None):
@@ -454,11 +601,13 @@ def main(argv=None) -> int:
         if args.command == "pretrain":
             from .pretrain import pretrain
 
-            pretrain(args)
+            with StopSignals():
+                pretrain(args)
         elif args.command == "finetune":
             from .finetune import finetune
 
-            finetune(args)
+            with StopSignals():
+                finetune(args)
         elif args.command == "linprobe":
             from .linprobe import linprobe
 
@@ -469,29 +618,65 @@ def main(argv=None) -> int:
             visualize(args)
         elif args.command == "export":
             from .checkpoint import export_safetensors, load_checkpoint
+            from .interop import export_hf, export_timm
             from .pretrain import check_saved_args
 
             state = load_checkpoint(args.checkpoint, trust=args.unsafe_trust_checkpoint)
             check_saved_args(state, args.checkpoint)
-            print(f"wrote {export_safetensors(state, args.output)}")
+            if args.format == "hf":
+                print(f"wrote {export_hf(state, args.output, args.checkpoint)}: "
+                      f"transformers.ViTMAEForPreTraining.from_pretrained({args.output!r})")
+            elif args.format == "timm":
+                out, name, kwargs = export_timm(state, args.output, args.checkpoint)
+                options = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+                print(f"wrote {out}: timm.create_model({name!r}{options}, pretrained=True, "
+                      f"pretrained_cfg_overlay=dict(file={str(out)!r}))")
+            else:
+                print(f"wrote {export_safetensors(state, args.output)}")
+        elif args.command == "shards":
+            from .shards import write_shards
+
+            for split, pattern in write_shards(args.source, args.out, args.shard_size,
+                                               args.seed).items():
+                print(f"{split}: --data-path '{pattern}'")
         elif args.command == "anomaly":
             from .anomaly import anomaly
 
             anomaly(args)
+        elif args.command == "plot":
+            from .figures import save_curves
+
+            print(f"wrote {save_curves(args.run_dir, args.output)}")
         else:
             from .ablate import ablate
 
             ablate(args, parse_args)
+        finished = True
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as stopped:  # saved; the stop line and the exit code say so
+        from . import distributed
+
+        finished = True
+        if distributed.is_main():
+            print(stopped.line(), flush=True)  # before the requeue, which signals this task
+            outcome = requeue(args, stopped)
+            if outcome:
+                print(outcome, flush=True)
+        return stopped.exit_code
+    except Interrupted:
+        print("error: interrupted by a second SIGINT: stopped without saving the step (the "
+              "checkpoints already written are intact)", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        from . import distributed
+        from . import distributed, tracking
 
-        distributed.shutdown()
+        tracking.close_all()
+        distributed.shutdown(synchronize=finished)
     return 0
 
 

@@ -111,6 +111,10 @@ class Augmented(torch.utils.data.Dataset):
         img, label = self.load(index)
         if img is None:
             return None
+        return self.transform(img, index), label
+
+    def transform(self, img: Image.Image, index: int) -> torch.Tensor:
+        """Item `index`'s augmented (or centre-cropped) image as a normalised tensor."""
         if self.train:
             rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
             img = random_resized_crop(img, self.size, rng)
@@ -118,7 +122,7 @@ class Augmented(torch.utils.data.Dataset):
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             img = center_resize(img, self.size)
-        return to_tensor(img), label
+        return to_tensor(img)
 
 
 class ImageFolderDataset(Augmented):
@@ -153,12 +157,22 @@ class ImageFolderDataset(Augmented):
 
     def load(self, index):
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                return to_rgb(img), label
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            warnings.warn(f"skipping unreadable image {path}: {exc}", RuntimeWarning, stacklevel=2)
-            return None, label
+        return read_rgb(path, path), label
+
+
+# what Pillow raises for a file it cannot read
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def read_rgb(source, name) -> Image.Image | None:
+    """An image file (a path or a file object) as 8-bit RGB; None, with a warning naming it,
+    when it cannot be read."""
+    try:
+        with Image.open(source) as img:
+            return to_rgb(img)
+    except UNREADABLE as exc:
+        warnings.warn(f"skipping unreadable image {name}: {exc}", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def check_no_empty_class(base: Path, classes: list[str], found: set[int], suffixes) -> None:

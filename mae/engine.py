@@ -4,20 +4,25 @@ step), exact resume and atomic checkpoints."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, fsdp, preemption, tracking
 from .checkpoint import (
+    LAST_CHECKPOINT,
     CheckpointError,
+    atomic_save,
     checkpoints_newest_first,
     load_checkpoint,
     load_weights,
@@ -28,6 +33,7 @@ from .checkpoint import (
 )
 from .data import collate_skipping
 from .optim import lr_at, set_lr
+from .preemption import Preempted
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -47,18 +53,24 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 class JsonLog:
-    def __init__(self, path: Path | None):
+    """log.jsonl, and each record also to `sinks` (mae.tracking: TensorBoard, W&B)."""
+
+    def __init__(self, path: Path | None, sinks=()):
         self.path = path
+        self.sinks = list(sinks)
 
     def write(self, **record) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # made when a run first writes
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
 
-    def drop_from(self, epoch: int) -> None:
+    def drop_from(self, epoch: int, step: int | None = None) -> None:
         """Forgets the records of `epoch` and later (a resumed run writes them again) and any
-        line a kill cut short."""
+        line a kill cut short; with `step` (the global step a run resumed mid-epoch continues
+        at), the step records of `epoch` before it stay."""
         if self.path is None or not self.path.is_file():
             return
         kept = []
@@ -67,7 +79,9 @@ class JsonLog:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(record, dict) or record.get("epoch", -1) < epoch:
+            if not isinstance(record, dict) or record.get("epoch", -1) < epoch or (
+                    step is not None and record.get("epoch") == epoch
+                    and record.get("step", step) < step):
                 kept.append(line + "\n")
         write_atomically(self.path, lambda f: f.write("".join(kept).encode()))
 
@@ -84,19 +98,47 @@ def start_run(args):
         if stale:
             print(f"removed {len(stale)} partial file(s) an interrupted save left in "
                   f"{output_dir}: {', '.join(p.name for p in stale)}")
-    log = JsonLog(output_dir / "log.jsonl" if rank == 0 else None)
+    log = (JsonLog(output_dir / "log.jsonl", tracking.open_sinks(args)) if rank == 0
+           else JsonLog(None))
     torch.manual_seed(args.seed)
     return rank, world_size, device, log
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: after `skip_batches(n, size)` the
+    epoch's first n batches are left out (their indices are never handed to the data set, so
+    nothing is read or decoded), until the next `set_epoch`. Its length stays the epoch's, so
+    the loader's length is still the steps per epoch that steps are numbered in."""
+
+    skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.skipped = 0
+
+    def skip_batches(self, batches: int, batch_size: int) -> None:
+        self.skipped = batches * batch_size
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skipped, None)
+
+
 def make_loader(dataset, args, rank: int, world_size: int, device, train: bool = True):
     """(sampler, loader) over this rank's share; a training loader drops the last partial
-    batch, an evaluation one keeps every image."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
-                                 seed=args.seed, drop_last=train)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+    batch, an evaluation one keeps every image. Workers leave the stop signals to the main
+    process (see `preemption`). Tar shards (an IterableDataset) split themselves across the
+    ranks and workers; bytes-only data sets (`--data-loader gpu`) bring their own collation."""
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    if iterable:
+        sampler = dataset.split(rank, world_size, args.batch_size, train)
+    else:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
+                                   seed=args.seed, drop_last=train)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=None if iterable else sampler,
                         num_workers=args.num_workers, drop_last=train,
-                        collate_fn=collate_skipping, pin_memory=device.type == "cuda")
+                        collate_fn=getattr(dataset, "collate", collate_skipping),
+                        pin_memory=device.type == "cuda",
+                        worker_init_fn=preemption.ignore_stop_signals)
     if train and len(loader) == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the data set per "
                          f"process ({len(sampler)} images)")
@@ -104,7 +146,16 @@ def make_loader(dataset, args, rank: int, world_size: int, device, train: bool =
 
 
 def wrap_for_training(model, args, world_size: int, device):
-    """torch.compile (--compile) and DistributedDataParallel around the model."""
+    """Activation checkpointing (--grad-checkpointing), then FSDP2 in place (--fsdp; compiled
+    per block), or torch.compile (--compile) and DistributedDataParallel around the model.
+    Build the optimizer after this: FSDP2 replaces the parameters by sharded ones."""
+    if getattr(args, "grad_checkpointing", False):
+        fsdp.set_grad_checkpointing(model)
+    if getattr(args, "fsdp", False):
+        if world_size == 1:
+            print("--fsdp on one process: FSDP2 over a group of one (nothing is sharded; the "
+                  "checkpoints are sharded ones, which resume on any number of processes)")
+        return fsdp.shard_model(model, device, args.amp, args.compile)
     train_model = torch.compile(model) if args.compile else model
     if world_size > 1:
         train_model = DistributedDataParallel(
@@ -113,22 +164,42 @@ def wrap_for_training(model, args, world_size: int, device):
     return train_model
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, lr, loss_fn):
+def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, lr, loss_fn,
+                    resumed=None, prepare=None):
     """One pass over the loader, `loss_fn(model, imgs, labels) -> loss` per step; returns the
-    epoch's mean loss and the skipped-image count (an epoch that read no image is an error)."""
+    epoch's mean loss and the skipped-image count (an epoch that read no image is an error).
+    `resumed` (a mid-epoch `Start`; its sampler skips the steps done) continues at its step
+    with its random streams and the epoch's sums so far. Under `mae`'s stop signals
+    (`preemption`), raises `Preempted` after the step at which the ranks agreed to stop (never
+    the epoch's last one: the epoch then ends as usual), its DataLoader workers shut down.
+    `prepare(batch, labels, epoch, step) -> (images, labels, unreadable)` turns what a
+    bytes-only loader yields into the step's images (`gpu_data.GpuBatches`: decoding and
+    crops drawn from the step)."""
     model.train()
     amp_dtype = AMP_DTYPES[args.amp]
+    first = resumed.step if resumed is not None else 0  # `i` below is the true step
     steps_per_epoch = len(loader)
     main = distributed.is_main()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not main or args.quiet, leave=False,
-               dynamic_ncols=True)
+    stop = preemption.active()
+    batches = iter(loader)  # draws the workers' seed from the epoch's streams, as ever
+    if resumed is not None:
+        restore_rng(resumed.rng, device)
+    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not main or args.quiet, leave=False,
+               dynamic_ncols=True, total=steps_per_epoch, initial=first)
     loss_sum = torch.zeros((), device=device)
     window_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     seen = window_steps = window_seen = skipped = 0
+    if resumed is not None:  # the epoch's sums so far: its mean and log windows as ever
+        loss_sum, window_sum, first_bad = (t.to(device) for t in resumed.totals["sums"])
+        seen, window_steps, window_seen, skipped = resumed.totals["counts"]
     window_start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for i, (imgs, labels, n_skipped) in enumerate(bar):
+    stopped = None
+    for i, (imgs, labels, n_skipped) in enumerate(bar, first):
+        if prepare is not None:
+            imgs, labels, unreadable = prepare(imgs, labels, epoch, i)
+            n_skipped += unreadable
         skipped += n_skipped
         iteration = epoch * steps_per_epoch + i
         if imgs is not None:
@@ -141,6 +212,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
             sync = contextlib.nullcontext()
             if isinstance(model, DistributedDataParallel) and not boundary:
                 sync = model.no_sync()
+            if isinstance(model, FSDPModule):  # FSDP2's no_sync: reduce-scatter at the boundary
+                model.set_requires_gradient_sync(boundary)
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = loss_fn(model, imgs, labels)
@@ -175,10 +248,23 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
             bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{current_lr:.2e}",
                             img_s=f"{images_per_sec:.0f}")
             log.write(kind="step", epoch=epoch, step=iteration, loss=window_loss, lr=current_lr,
-                      images_per_sec=images_per_sec)
+                      images_per_sec=images_per_sec,
+                      epoch_1000x=int((i / steps_per_epoch + epoch) * 1000))  # TensorBoard's x
             window_sum.zero_()
             window_steps = window_seen = 0
             window_start = time.perf_counter()
+        may_stop = (i + 1) % args.accum_iter == 0 and i + 1 < steps_per_epoch
+        if stop is not None and stop.after_step(iteration, may_stop):
+            totals = {"sums": [t.cpu() for t in (loss_sum, window_sum, first_bad)],
+                      "counts": [seen, window_steps, window_seen, skipped]}
+            stopped = Preempted(stop.signum, epoch, i + 1, steps_per_epoch,
+                                distributed.gather_to_main({**rng_state(device),
+                                                            "totals": totals}))
+            break
+    if stopped is not None:
+        bar.close()
+        del bar, batches  # the workers exit now, not with the process
+        raise stopped
     # With every file unreadable the loop "trains" at loss 0 and would save an untrained model.
     if int(distributed.all_reduce_max(torch.tensor(seen, device=device))) == 0:
         mean = distributed.all_reduce_mean(torch.tensor(float(skipped), device=device))
@@ -195,12 +281,17 @@ def _resume_state(args, main: bool):
     which ones it passed over; (None, None) when there is nothing to resume."""
     if not args.resume:
         return None, None
+    def read(path):  # of a sharded checkpoint its extras only: the shards load in place
+        if fsdp.is_sharded(path):
+            return fsdp.read_extras(path)
+        return load_checkpoint(path, trust=args.unsafe_trust_checkpoint)
+
     if args.resume != "auto":
-        return load_checkpoint(args.resume, trust=args.unsafe_trust_checkpoint), args.resume
+        return read(args.resume), args.resume
     unreadable = []
     for path in checkpoints_newest_first(args.output_dir):
         try:
-            state = load_checkpoint(path, trust=args.unsafe_trust_checkpoint)
+            state = read(path)
         except CheckpointError as exc:
             unreadable.append(str(exc))
             continue
@@ -226,14 +317,98 @@ def check_resumable(args, state: dict, path) -> None:
                               f"fine-tune from them use --finetune {path}")
 
 
-def resume_from(args, model, optimizer, scaler, main: bool, log: JsonLog) -> int:
+class Start(NamedTuple):
+    """Where a run starts: `epoch`, `step` steps into it (a run stopped mid-epoch), with this
+    rank's random streams `rng` and the epoch's loss sums and counts `totals` as they were
+    after that step (None at an epoch's start)."""
+
+    epoch: int
+    step: int = 0
+    rng: dict | None = None
+    steps_per_epoch: int | None = None
+    totals: dict | None = None
+
+
+def _start_after(args, state: dict, path, log: JsonLog) -> Start:
+    """Where a run continues after a checkpoint's `epoch` and `epoch_step`, the log's later
+    records dropped. A mid-epoch checkpoint continues only with the process count it was saved
+    with: the step's data and random streams are per process."""
+    epoch, steps = state["epoch"], state.get("steps_per_epoch")
+    done = state.get("epoch_step", steps)
+    if steps is None or done >= steps:  # an epoch-end checkpoint
+        log.drop_from(epoch + 1)
+        return Start(epoch + 1)
+    streams = state.get("rng") or []
+    if len(streams) != args.world_size:
+        raise CheckpointError(f"--resume {path} stopped mid-epoch (epoch {epoch} step {done}) "
+                              f"in a run of {len(streams)} process(es): continue it with "
+                              f"{len(streams)}, not {args.world_size}")
+    log.drop_from(epoch, epoch * steps + done)
+    if distributed.is_main():
+        print(f"continuing epoch {epoch} at step {done} of {steps}, its random streams restored")
+    mine = dict(streams[distributed.rank()])
+    totals = mine.pop("totals")
+    return Start(epoch, done, mine, steps, totals)
+
+
+def enter_epoch(sampler, epoch: int, start: Start, args) -> Start | None:
+    """`sampler.set_epoch(epoch)`; returns `start` in the epoch a run resumed mid-way, its
+    sampler skipping the steps done (for `train_one_epoch`), else None. Between epochs, a stop
+    signal seen during the last one's final step or its end (evaluation, saving) stops the run
+    here, at the checkpoint-last.pth that epoch wrote."""
+    sampler.set_epoch(epoch)
+    steps = len(sampler) // args.batch_size  # a training loader drops its partial batch
+    stop = preemption.active()
+    if epoch > start.epoch and stop is not None and stop.agree():
+        stopped = Preempted(stop.signum, epoch - 1, steps, steps)
+        stopped.path = last_checkpoint(args)
+        raise stopped
+    if epoch != start.epoch or not start.step:
+        return None
+    if start.steps_per_epoch != steps:
+        raise CheckpointError(f"--resume: the checkpoint stopped at step {start.step} of an "
+                              f"epoch of {start.steps_per_epoch} steps, but this run's epochs "
+                              f"have {steps}: resume with the data, --batch-size and process "
+                              f"count it was saved with")
+    sampler.skip_batches(start.step, args.batch_size)
+    return start
+
+
+def rng_state(device) -> dict:
+    """Every random stream of this process, in types `torch.load(weights_only=True)` reads."""
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"]["key"] = torch.from_numpy(numpy["state"]["key"].astype(np.int64))
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = {**state["numpy"], "state": {**state["numpy"]["state"]}}
+    numpy["state"]["key"] = numpy["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy)
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def resume_from(args, model, optimizer, scaler, main: bool, log: JsonLog) -> Start:
     """Loads `--resume` (a path, or 'auto': the run's newest checkpoint that loads) into the
-    model, optimizer and loss scaler; returns the epoch to start at (0 without a checkpoint),
-    after dropping the log's records from that epoch on. The fp16 loss scaler's state carries
-    over only where both runs scale (`--amp fp16`)."""
+    model, optimizer and loss scaler; returns where to start (epoch 0 without a checkpoint;
+    mid-epoch after a stop by a signal), after dropping the log's records from there on. The
+    fp16 loss scaler's state carries over only where both runs scale (`--amp fp16`)."""
     state, path = _resume_state(args, main)
     if state is None:
-        return 0
+        return Start(0)
+    if fsdp.is_sharded(path):
+        return _resume_sharded(args, model, optimizer, state, path, main, log)
+    if getattr(args, "fsdp", False):
+        raise CheckpointError(f"--resume {path}: a single-file checkpoint does not resume under "
+                              f"--fsdp (its optimizer state is not keyed for sharding); resume "
+                              f"it without --fsdp, or resume a sharded checkpoint-N/ folder")
     check_resumable(args, state, path)
     missing = {"optimizer", "epoch"} - set(state)
     if missing:
@@ -259,12 +434,61 @@ def resume_from(args, model, optimizer, scaler, main: bool, log: JsonLog) -> int
         note = f"; its fp16 loss-scaler state is not used with --amp {args.amp}"
     if main:
         print(f"resumed from {path} (epoch {state['epoch']}, step {state.get('step')}){note}")
-    log.drop_from(state["epoch"] + 1)
-    return state["epoch"] + 1
+    return _start_after(args, state, path, log)
+
+
+def _resume_sharded(args, model, optimizer, extras: dict, path, main: bool,
+                    log: JsonLog) -> Start:
+    """`resume_from` for a sharded checkpoint (any world size, with or without --fsdp)."""
+    saved = (extras.get("args") or {}).get("command")
+    if saved is not None and saved != args.command:
+        raise CheckpointError(f"--resume {path} is a `mae {saved}` run, not `mae {args.command}`")
+    extras = fsdp.load_sharded(model, optimizer, path, trust=args.unsafe_trust_checkpoint)
+    if main:
+        print(f"resumed from {path} (sharded; epoch {extras['epoch']}, step {extras['step']})")
+    return _start_after(args, extras, path, log)
+
+
+def training_extras(args, scaler, epoch: int, epoch_step: int, steps_per_epoch: int,
+                    rng=None) -> dict:
+    """What a checkpoint holds beside the model and optimizer: the scaler, where the run is
+    (`epoch`, `epoch_step` steps into it of `steps_per_epoch`; `step` counts from the start),
+    the arguments and, stopped mid-epoch, every rank's random streams."""
+    extras = {"scaler": scaler.state_dict(), "epoch": epoch, "epoch_step": epoch_step,
+              "steps_per_epoch": steps_per_epoch,
+              "step": epoch * steps_per_epoch + epoch_step, "args": vars(args)}
+    if rng is not None:
+        extras["rng"] = rng
+    return extras
+
+
+def last_checkpoint(args) -> Path:
+    """The rolling checkpoint: checkpoint-last.pth, or the sharded checkpoint-last/ (--fsdp)."""
+    path = Path(args.output_dir) / LAST_CHECKPOINT
+    return path.with_suffix("") if getattr(args, "fsdp", False) else path
+
+
+def save_stopped(args, model, optimizer, scaler, stopped: Preempted) -> None:
+    """Called by every rank on a mid-epoch stop: checkpoint-last at the step it stopped after
+    (rank 0's .pth file; under --fsdp every rank's shards)."""
+    extras = training_extras(args, scaler, stopped.epoch, stopped.step, stopped.steps_per_epoch,
+                             stopped.rng_states)
+    path = last_checkpoint(args)
+    if getattr(args, "fsdp", False):
+        fsdp.save_sharded(model, optimizer, extras, path)
+    elif distributed.is_main():
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extras}
+        atomic_save(state, path)
+    stopped.path = path
 
 
 def save_epoch(args, model, optimizer, scaler, epoch: int, steps_per_epoch: int) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "epoch": epoch,
-             "step": (epoch + 1) * steps_per_epoch, "args": vars(args)}
-    save_training_state(state, args.output_dir, epoch, args.epochs, args.save_every)
+    """Called by every rank: under --fsdp each writes its shards (checkpoint-last/ and, at the
+    cadence, checkpoint-<epoch>/), otherwise rank 0 writes the .pth files."""
+    extras = training_extras(args, scaler, epoch, steps_per_epoch, steps_per_epoch)
+    if getattr(args, "fsdp", False):
+        fsdp.save_training_state(model, optimizer, extras, args.output_dir, epoch, args.epochs,
+                                 args.save_every)
+    elif distributed.is_main():
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extras}
+        save_training_state(state, args.output_dir, epoch, args.epochs, args.save_every)

@@ -95,3 +95,64 @@ def save_figure(fig, path, dpi: int) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+CURVES = "curves.png"
+
+
+def read_log(run_dir) -> list[dict]:
+    """The records of a run folder's log.jsonl (lines a kill cut short are passed over)."""
+    import json
+
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no log.jsonl: not the --output-dir of a `mae "
+                                f"pretrain` or `mae finetune` run")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def save_curves(run_dir, path=None) -> Path:
+    """The training curves of a run folder from its log: loss and lr per logged step (x in
+    epochs, the epoch_1000x axis / 1000), and the probe's (or validation) top-1 per epoch."""
+    records = read_log(run_dir)
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not steps and not epochs:
+        raise ValueError(f"{Path(run_dir) / 'log.jsonl'} holds no step or epoch records yet")
+
+    def x(r):
+        return r["epoch_1000x"] / 1000 if "epoch_1000x" in r else r["epoch"]
+
+    accuracy = [(key, label) for key, label in (("probe_top1", "online probe top-1 (val)"),
+                                                ("val_top1", "val top-1"))
+                if any(key in r for r in epochs)]
+    panels = 2 + bool(accuracy)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), squeeze=False)
+    loss_ax, lr_ax = axes[0][0], axes[0][1]
+    loss_ax.plot([x(r) for r in steps], [r["loss"] for r in steps], lw=1, label="logged steps")
+    loss_ax.plot([r["epoch"] + 1 for r in epochs], [r["loss"] for r in epochs], "o-", ms=3,
+                 label="epoch mean")
+    loss_ax.set(title="training loss", xlabel="epoch")
+    loss_ax.legend(fontsize=8)
+    lr_ax.plot([x(r) for r in steps], [r["lr"] for r in steps], lw=1)
+    lr_ax.set(title="learning rate", xlabel="epoch")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    if accuracy:
+        acc_ax = axes[0][2]
+        for key, label in accuracy:
+            held = [r for r in epochs if key in r]
+            acc_ax.plot([r["epoch"] + 1 for r in held], [r[key] for r in held], "o-", ms=3,
+                        label=label)
+        acc_ax.set(title="top-1 (%)", xlabel="epoch")
+        acc_ax.legend(fontsize=8)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path or Path(run_dir) / CURVES, dpi=100)

@@ -17,21 +17,28 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_weights
-from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .engine import (
     AMP_DTYPES,
+    Preempted,
     check_resumable,
+    enter_epoch,
     make_loader,
     resume_from,
     save_epoch,
+    save_stopped,
     seed_epoch,
     start_run,
     train_one_epoch,
     wrap_for_training,
 )
+from .gpu_data import DecodedLoader, GpuBatches, loader_for_size
 from .models import MODEL_CONFIGS, resolve_config
 from .pos_embed import interpolate_pos_embed
 from .pretrain import model_config_of
+from .recipe import announce, fill, finetune_recipe
+from .shards import open_dataset
+from .tracking import closes_sinks
 
 # Without --data-path (the built-in data set) or --model the run is the demo: the README's
 # ViT-Tiny at 32x32 with 8x8 patches, minutes on a CPU. NOTE: measured on the built-in data (8
@@ -52,14 +59,37 @@ VIT_B = (MODEL_CONFIGS["mae_vit_base_patch16"]["encoder_dim"],
 LAYER_DECAY = {VIT_B: 0.65}
 
 
+def matching_torchvision(torch_version: str) -> str:
+    """The torchvision release line built for a torch 2.x: 0.(minor + 15), as every release
+    since torch 2.0 / torchvision 0.15 pairs them (2.11: 0.26 ... 2.14: 0.29)."""
+    major, minor = (int(part) for part in torch_version.split(".")[:2])
+    if major != 2:
+        raise ValueError(f"no torchvision pairing known for torch {torch_version}")
+    return f"0.{minor + 15}"
+
+
 def require_timm():
+    """timm, and through it torchvision, importable: else one `error:` line naming the fix."""
     try:
         import timm  # noqa: F401
     except ImportError as exc:
         raise SystemExit(
-            f"mae finetune needs timm and torchvision ({exc}); install the extra: "
+            f"error: mae finetune needs timm and torchvision ({exc}); install the extra: "
             f"pip install -e \".[finetune]\" (with torch 2.14.1: pip install torch==2.14.1 "
             f"torchvision==0.29.1 first, so pip keeps your torch)"
+        ) from exc
+    except RuntimeError as exc:
+        # a torchvision built for another torch: its C++ ops do not register, and importing it
+        # fails with "operator torchvision::nms does not exist"
+        if "torchvision::" not in str(exc):
+            raise
+        import torch
+
+        want = matching_torchvision(torch.__version__)
+        raise SystemExit(
+            f"error: the installed torchvision does not match torch {torch.__version__} "
+            f"({str(exc).splitlines()[0]}): install torchvision {want}.x, the release for "
+            f"torch {torch.__version__.rsplit('.', 1)[0]} (pip install \"torchvision=={want}.*\")"
         ) from exc
 
 
@@ -74,7 +104,8 @@ def vit_config(name: str, **overrides) -> dict:
 
 def encoder_of(mae_config: dict) -> dict:
     return {k: mae_config[k] for k in ("img_size", "patch_size", "in_chans", "encoder_dim",
-                                       "encoder_layers", "encoder_heads", "mlp_ratio")}
+                                       "encoder_layers", "encoder_heads", "mlp_ratio",
+                                       "encoder_mlp_dim")}
 
 
 def build_vit(config: dict, num_classes: int, drop_path: float, global_pool: bool):
@@ -88,7 +119,9 @@ def build_vit(config: dict, num_classes: int, drop_path: float, global_pool: boo
         img_size=tuple(img) if isinstance(img, list) else img, patch_size=config["patch_size"],
         in_chans=config["in_chans"], num_classes=num_classes, embed_dim=config["encoder_dim"],
         depth=config["encoder_layers"], num_heads=config["encoder_heads"],
-        mlp_ratio=config["mlp_ratio"], qkv_bias=True,
+        # timm takes a ratio only; int(1408 * (6144 / 1408)) is 6144 again (ViT-g)
+        mlp_ratio=(config.get("encoder_mlp_dim") or config["encoder_dim"] * config["mlp_ratio"])
+        / config["encoder_dim"], qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path,
         global_pool="avg" if global_pool else "token", fc_norm=global_pool,
     )
@@ -139,9 +172,11 @@ def train_transform(args):
     from timm.data import create_transform
 
     size = args.input_size if isinstance(args.input_size, int) else tuple(args.input_size)
-    return create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
+    return create_transform(input_size=size, is_training=True, scale=tuple(args.scale),
+                            ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+                            color_jitter=args.color_jitter,
                             auto_augment=None if args.aa in ("", "none") else args.aa,
-                            interpolation="bicubic", re_prob=args.reprob,
+                            interpolation=args.train_interpolation, re_prob=args.reprob,
                             re_mode=args.remode, re_count=args.recount, mean=IMAGENET_MEAN,
                             std=IMAGENET_STD)
 
@@ -175,14 +210,13 @@ def evaluate(model, loader, device, amp_dtype) -> dict:
 def apply_defaults(args, pretrained_config: dict | None) -> None:
     """Demo (no --data-path, no --model) or official defaults for unset flags; the
     architecture of our own pre-training checkpoints is read from them."""
-    demo = args.data_path is None and args.model is None
-    defaults = DEMO_DEFAULTS if demo else OFFICIAL_DEFAULTS
+    args.demo = args.data_path is None and args.model is None
+    defaults = DEMO_DEFAULTS if args.demo else OFFICIAL_DEFAULTS
     if pretrained_config is not None:  # the checkpoint says what it is
-        defaults = {**defaults, "model": None, "input_size": pretrained_config["img_size"],
-                    "patch_size": pretrained_config["patch_size"]}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+        fill(args, {"input_size": pretrained_config["img_size"],
+                    "patch_size": pretrained_config["patch_size"]}, "checkpoint")
+        defaults = {k: v for k, v in defaults.items() if k != "model"}
+    fill(args, defaults, "demo" if args.demo else "official")
     if args.model is not None:
         config = vit_config(args.model)
     else:
@@ -193,9 +227,10 @@ def apply_defaults(args, pretrained_config: dict | None) -> None:
     args.vit_config = encoder_of(resolve_config(config))
     if args.layer_decay is None:
         architecture = (args.vit_config["encoder_dim"], args.vit_config["encoder_layers"])
-        args.layer_decay = LAYER_DECAY.get(architecture, 0.75)
+        fill(args, {"layer_decay": LAYER_DECAY.get(architecture, 0.75)}, "official")
 
 
+@closes_sinks
 def finetune(args) -> dict:
     require_timm()
     from timm.data import Mixup
@@ -212,16 +247,25 @@ def finetune(args) -> dict:
                                           or saved.get("model") in MODEL_CONFIGS):
             pretrained_config = encoder_of(model_config_of(saved))
     apply_defaults(args, pretrained_config)
+    loader_for_size(args, args.input_size)
     rank, world_size, device, log = start_run(args)
     main = rank == 0
     size = args.input_size
-    train_base = build_dataset(args.data_path, size, "train", augment=True, seed=args.seed,
-                               length=args.dataset_size)
-    val_set = build_dataset(args.data_path, size, "val", augment=False, length=args.val_size)
-    train_set = TransformedDataset(train_base, train_transform(args))
+    # timm's training augmentation (RandAugment, erasing) runs in Pillow workers whatever
+    # --data-loader; the gpu loader decodes and centre-crops the evaluation images
+    train_base = open_dataset(args.data_path, size, "train", augment=True, seed=args.seed,
+                              length=args.dataset_size)
+    val_set = open_dataset(args.data_path, size, "val", augment=False, length=args.val_size,
+                           loader=args.data_loader)
+    if isinstance(train_base, torch.utils.data.IterableDataset):  # tar shards
+        train_set = train_base.with_image_transform(train_transform(args))
+    else:
+        train_set = TransformedDataset(train_base, train_transform(args))
     num_classes = args.nb_classes or len(train_base.classes)
     sampler, loader = make_loader(train_set, args, rank, world_size, device)
     _, val_loader = make_loader(val_set, args, rank, world_size, device, train=False)
+    if args.data_loader == "gpu":
+        val_loader = DecodedLoader(val_loader, GpuBatches(size, device, train=False))
 
     model = build_vit(args.vit_config, num_classes, args.drop_path, args.global_pool)
     if args.finetune and not args.resume and not args.random_init:
@@ -251,7 +295,7 @@ def finetune(args) -> dict:
         if main:
             print(json.dumps(stats))
         return stats
-    start_epoch = resume_from(args, model, optimizer, scaler, main, log)
+    start_at = resume_from(args, model, optimizer, scaler, main, log)
     train_model = wrap_for_training(model, args, world_size, device)
 
     mixup = None
@@ -278,13 +322,18 @@ def finetune(args) -> dict:
               f"{args.vit_config['patch_size']}, {num_classes} classes, {len(train_set)} "
               f"images, effective batch {eff_batch}, lr {lr:.2e}, layer decay "
               f"{args.layer_decay}, {world_size} process(es) on {device.type}")
+        announce("finetune", finetune_recipe(args, eff_batch, lr), log, args.output_dir)
     summary = {"epochs": []}
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_at.epoch, args.epochs):
         seed_epoch(args.seed, epoch, rank)
-        sampler.set_epoch(epoch)
+        resumed = enter_epoch(sampler, epoch, start_at, args)
         start = time.perf_counter()
-        loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch,
-                                        args, log, lr, loss_fn)
+        try:
+            loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device,
+                                            epoch, args, log, lr, loss_fn, resumed)
+        except Preempted as stopped:
+            save_stopped(args, model, optimizer, scaler, stopped)
+            raise
         stats = evaluate(model, val_loader, device, amp_dtype)
         record = dict(kind="epoch", epoch=epoch, loss=loss, skipped_images=skipped,
                       seconds=time.perf_counter() - start,

@@ -20,42 +20,48 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, model_weights
-from .data import build_dataset, collate_skipping, random_resized_crop, to_tensor
+from .data import collate_skipping, random_resized_crop, to_tensor
+from .gpu_data import DecodedLoader, GpuBatches, loader_for_size
 from .models import MAE, MODEL_CONFIGS, config_of
+from .online_probe import build_head
 from .optim import LARS, lr_at, set_lr
 from .pretrain import model_from_checkpoint
+from .recipe import announce, fill, linprobe_recipe
+from .shards import open_dataset
 from .video import VideoMAE
 
 DEMO_BATCH, OFFICIAL_BATCH = 256, 512
 OFFICIAL_SIZE = 224  # main_linprobe.py crops to 224 whatever the model
 CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as main_linprobe.py uses it
+CROP_RATIO = (3 / 4, 4 / 3)
+AUGMENTATION_FLAGS = ("scale", "ratio", "hflip")
 
 
 def apply_defaults(args) -> bool:
-    """The recipe's batch size where --batch-size is unset; True for the demo."""
-    demo = args.data_path is None and args.model is None
-    if args.batch_size is None:
-        args.batch_size = DEMO_BATCH if demo else OFFICIAL_BATCH
-    return demo
-
-
-def build_head(width: int, num_classes: int) -> nn.Sequential:
-    """main_linprobe.py's head: BatchNorm1d(affine=False, eps=1e-6), then a linear layer with
-    trunc-normal(0.01) weights (MoCo v3's) and zero bias."""
-    head = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6),
-                         nn.Linear(width, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    return head
+    """The recipe's batch size where --batch-size is unset; True for the demo, which probes
+    un-augmented features, so an augmentation flag given to it is an error."""
+    args.demo = args.data_path is None and args.model is None
+    fill(args, {"batch_size": DEMO_BATCH if args.demo else OFFICIAL_BATCH},
+         "demo" if args.demo else "official")
+    sources = getattr(args, "sources", {})
+    given = [k for k in AUGMENTATION_FLAGS if sources.get(k) in ("flag", "config")]
+    if args.demo and given:
+        raise ValueError(f"--{given[0]} sets the augmentation of the official recipe "
+                         f"(--data-path or --model); the demo probes features of the "
+                         f"un-augmented images, extracted once")
+    return args.demo
 
 
 class ProbeTrainSet(torch.utils.data.Dataset):
     """main_linprobe.py's weak augmentation over an image data set's PIL images: random
-    resized crop and horizontal flip, drawn from (seed, epoch, index) so runs repeat."""
+    resized crop (area fraction in `scale`, aspect ratio in `ratio`) and horizontal flip
+    (probability `hflip`), drawn from (seed, epoch, index) so runs repeat."""
 
-    def __init__(self, base, size, seed: int):
+    def __init__(self, base, size, seed: int, scale=CROP_SCALE, ratio=CROP_RATIO,
+                 hflip: float = 0.5):
         self.base, self.seed, self.epoch = base, seed, 0
         self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,8 +74,8 @@ class ProbeTrainSet(torch.utils.data.Dataset):
         if img is None:
             return None
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
-        img = random_resized_crop(img, self.size, rng, scale=CROP_SCALE)
-        if rng.random() < 0.5:
+        img = random_resized_crop(img, self.size, rng, scale=self.scale, ratio=self.ratio)
+        if rng.random() < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(img), label
 
@@ -119,9 +125,22 @@ def features(model, imgs: torch.Tensor, global_pool: bool) -> torch.Tensor:
     return (out.patch_mean if global_pool else out.cls_token).float()
 
 
-def extract_features(model, dataset, device, args, desc: str):
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, collate_fn=collate_skipping)
+def probe_loader(dataset, args, train: bool, prepare: GpuBatches | None = None):
+    """Batches of `dataset` (shuffled, whole batches when `train`); through `prepare` where it
+    is bytes-only (--data-loader gpu: decoded and cropped on the device)."""
+    train_order = {}
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # tar shards
+        dataset.split(0, 1, args.batch_size, train)
+    elif train:
+        train_order = dict(shuffle=True, generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(dataset, batch_size=args.batch_size, drop_last=train,
+                        num_workers=args.num_workers, **train_order,
+                        collate_fn=getattr(dataset, "collate", collate_skipping))
+    return loader if prepare is None else DecodedLoader(loader, prepare)
+
+
+def extract_features(model, dataset, device, args, desc: str, prepare=None):
+    loader = probe_loader(dataset, args, False, prepare)
     feats, labels = [], []
     for imgs, y, _ in tqdm(loader, desc=desc, disable=args.quiet, leave=False):
         if imgs is not None:
@@ -161,19 +180,28 @@ def linprobe(args) -> dict:
         raise ValueError(f"--checkpoint {args.checkpoint} holds a VideoMAE; linprobe probes "
                          "image encoders")
     demo = apply_defaults(args)
+    loader_for_size(args, size)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    train_base = build_dataset(args.data_path, size, "train", augment=False,
-                               length=args.train_size)
-    val_set = build_dataset(args.data_path, size, "val", augment=False, length=args.val_size)
+    train_base = open_dataset(args.data_path, size, "train", augment=False,
+                              length=args.train_size, loader=args.data_loader)
+    val_set = open_dataset(args.data_path, size, "val", augment=False, length=args.val_size,
+                           loader=args.data_loader)
+    # --data-loader gpu: evaluation crops the centre box on the device
+    centre = GpuBatches(size, device, train=False) if args.data_loader == "gpu" else None
     torch.manual_seed(args.seed)
     num_classes = args.nb_classes or len(train_base.classes)
     head = build_head(model.config["encoder_dim"], num_classes).to(device)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter / 256
+    # --model names an official checkpoint's encoder, probed at main_linprobe.py's size
+    size_source = "official" if args.model is not None and size == OFFICIAL_SIZE else "checkpoint"
+    recipe = linprobe_recipe(args, model.config, size_source, "SGD" if demo else "LARS", lr)
+    announce("linprobe", recipe)
 
     if demo:
-        x_train, y_train = extract_features(model, train_base, device, args, "train features")
+        x_train, y_train = extract_features(model, train_base, device, args, "train features",
+                                            centre)
         optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9,
                                     weight_decay=args.weight_decay)
         steps = (len(x_train) + args.batch_size - 1) // args.batch_size
@@ -182,10 +210,18 @@ def linprobe(args) -> dict:
             for idx in torch.randperm(len(x_train)).split(args.batch_size):
                 yield x_train[idx], y_train[idx]
     else:
-        train_set = ProbeTrainSet(train_base, size, args.seed)
-        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                            num_workers=args.num_workers, collate_fn=collate_skipping,
-                            generator=torch.Generator().manual_seed(args.seed))
+        prepare = None
+        if args.data_loader == "gpu":  # the same crop and flip, drawn per (epoch, step)
+            train_set = train_base
+            prepare = GpuBatches(size, device, args.seed, scale=args.scale, ratio=args.ratio,
+                                 hflip=args.hflip)
+        elif isinstance(train_base, torch.utils.data.IterableDataset):
+            raise ValueError("--data-path: the official linear probe on tar shards augments "
+                             "on the device: pass --data-loader gpu")
+        else:
+            train_set = ProbeTrainSet(train_base, size, args.seed, args.scale, args.ratio,
+                                      args.hflip)
+        loader = probe_loader(train_set, args, True, prepare)
         if len(loader) == 0:
             raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
                              f"({len(train_set)} images)")
@@ -194,13 +230,15 @@ def linprobe(args) -> dict:
 
         def epoch_batches(epoch):
             train_set.set_epoch(epoch)
+            if prepare is not None:
+                loader.epoch = epoch
             for imgs, y, _ in loader:
                 if imgs is not None:
                     yield features(model, imgs.to(device), args.global_pool), y.to(device)
 
     losses = train_head(head, optimizer, epoch_batches, steps, args, lr,
                       "linprobe" + (" (demo)" if demo else ""))
-    x_val, y_val = extract_features(model, val_set, device, args, "val features")
+    x_val, y_val = extract_features(model, val_set, device, args, "val features", centre)
     head.eval()
     with torch.no_grad():
         top1 = (head(x_val).argmax(1) == y_val).float().mean().item() * 100
@@ -212,4 +250,4 @@ def linprobe(args) -> dict:
               "optimizer": type(optimizer).__name__, "train_images": len(train_base),
               "val_images": len(x_val)}
     print(json.dumps(result))
-    return {**result, "epoch_losses": losses}
+    return {**result, "epoch_losses": losses, "recipe_values": recipe}

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import mae_kernels
 from mae_kernels import reference
@@ -77,14 +78,26 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with timm's parameter names."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_layer):
+    # set by mae.fsdp.set_grad_checkpointing; a class default, so it is no part of the weights
+    grad_checkpointing = False
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_layer,
+                 mlp_dim: int | None = None):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        # ViT-g/G's MLP widths (6144, 8192) are no integer multiple of their width
+        self.mlp = Mlp(dim, mlp_dim or int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # inside forward, so FSDP's hooks on the block's call stay outside the recompute
+            # (what checkpoint_wrapper under fully_shard does)
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -132,7 +145,9 @@ class MaskedAutoencoderViT(nn.Module):
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),  # noqa: B008 (official)
                  norm_pix_loss=False,
-                 use_kernels=True, mask_type="random", target="pixel"):
+                 use_kernels=True, mask_type="random", target="pixel", mlp_dim=None):
+        """`mlp_dim`: the encoder's MLP width where it is no integer multiple of embed_dim
+        (ViT-g/14's 6144); the decoder's is decoder_embed_dim * mlp_ratio."""
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
@@ -151,7 +166,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim),
                                       requires_grad=False)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, norm_layer) for _ in range(depth)]
+            [Block(embed_dim, num_heads, mlp_ratio, norm_layer, mlp_dim) for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
 
@@ -298,6 +313,11 @@ MODEL_CONFIGS = {
     "mae_vit_large_patch16": dict(encoder_dim=1024, encoder_layers=24, encoder_heads=16),
     "mae_vit_huge_patch14": dict(patch_size=14, encoder_dim=1280, encoder_layers=32,
                                  encoder_heads=16),
+    # ViT-g/14 and ViT-G/14 (Zhai et al., "Scaling Vision Transformers"), the MAE decoder
+    "mae_vit_giant_patch14": dict(patch_size=14, encoder_dim=1408, encoder_layers=40,
+                                  encoder_heads=16, encoder_mlp_dim=6144),
+    "mae_vit_gigantic_patch14": dict(patch_size=14, encoder_dim=1664, encoder_layers=48,
+                                     encoder_heads=16, encoder_mlp_dim=8192),
 }
 
 # Every key `MAE` accepts, with its default (the official ViT-B/16 with the 8-block decoder).
@@ -305,7 +325,8 @@ DEFAULT_CONFIG = {
     "img_size": 224, "patch_size": 16, "in_chans": 3,
     "encoder_dim": 768, "encoder_layers": 12, "encoder_heads": None,  # None: encoder_dim // 64
     "decoder_dim": 512, "decoder_layers": 8, "decoder_heads": None,  # None: decoder_dim // 32
-    "mlp_ratio": 4.0, "mask_ratio": 0.75, "norm_pix_loss": False, "use_kernels": True,
+    "mlp_ratio": 4.0, "encoder_mlp_dim": None,  # None: encoder_dim * mlp_ratio
+    "mask_ratio": 0.75, "norm_pix_loss": False, "use_kernels": True,
     "mask_type": "random",  # or "block" (BEiT's rectangles), "grid" (the paper's regular grid)
     "target": "pixel",  # or "hog": MaskFeat's HOG features of the masked patches
 }
@@ -355,6 +376,11 @@ def resolve_config(config: dict) -> dict:
                 or config[key] < least:
             raise ValueError(f"config[{key!r}] must be an integer >= {least}, got "
                              f"{config[key]!r}")
+    mlp_dim = config["encoder_mlp_dim"]
+    if mlp_dim is not None and (isinstance(mlp_dim, bool) or not isinstance(mlp_dim, int)
+                                or mlp_dim < 1):
+        raise ValueError(f"config['encoder_mlp_dim'] must be an integer >= 1 or None, got "
+                         f"{mlp_dim!r}")
     mlp = config["mlp_ratio"]
     if isinstance(mlp, bool) or not isinstance(mlp, (int, float)) or not 0 < mlp < float("inf"):
         raise ValueError(f"config['mlp_ratio'] must be a number > 0, got {mlp!r}")
@@ -411,7 +437,8 @@ def _official_kwargs(config: dict) -> dict:
                 decoder_embed_dim=config["decoder_dim"], decoder_depth=config["decoder_layers"],
                 decoder_num_heads=config["decoder_heads"], mlp_ratio=config["mlp_ratio"],
                 norm_pix_loss=config["norm_pix_loss"], use_kernels=config["use_kernels"],
-                mask_type=config["mask_type"], target=config["target"])
+                mask_type=config["mask_type"], target=config["target"],
+                mlp_dim=config["encoder_mlp_dim"])
 
 
 class Output:
@@ -522,5 +549,20 @@ mae_vit_small_patch16 = _factory("mae_vit_small_patch16")
 mae_vit_base_patch16 = _factory("mae_vit_base_patch16")
 mae_vit_large_patch16 = _factory("mae_vit_large_patch16")
 mae_vit_huge_patch14 = _factory("mae_vit_huge_patch14")
+mae_vit_giant_patch14 = _factory("mae_vit_giant_patch14")
+mae_vit_gigantic_patch14 = _factory("mae_vit_gigantic_patch14")
 
 MODELS = {name: globals()[name] for name in MODEL_CONFIGS}
+
+
+def model_config_of(saved_args: dict) -> dict:
+    """The model config a checkpoint's saved arguments describe (older checkpoints, ours and the
+    official ones, saved the model name and size flags only)."""
+    if saved_args.get("model_config"):
+        return resolve_config(saved_args["model_config"])
+    config = {**MODEL_CONFIGS[saved_args["model"]], "img_size": saved_args.get("input_size", 224),
+              "norm_pix_loss": bool(saved_args.get("norm_pix_loss", False)),
+              "use_kernels": not saved_args.get("no_kernels", False)}
+    if saved_args.get("patch_size"):
+        config["patch_size"] = saved_args["patch_size"]
+    return resolve_config(config)

@@ -7,20 +7,27 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, weights_kind
-from .data import build_dataset
 from .engine import (
     NonFiniteLossError,
+    Preempted,
+    enter_epoch,
     make_loader,
     resume_from,
     save_epoch,
+    save_stopped,
     seed_epoch,
     start_run,
     train_one_epoch,
     wrap_for_training,
 )
-from .figures import save_reconstruction_figure
-from .models import MAE, MODEL_CONFIGS, is_video, resolve_config
+from .figures import save_curves, save_reconstruction_figure
+from .gpu_data import GpuBatches
+from .models import MAE, MODEL_CONFIGS, is_video, model_config_of, resolve_config
+from .online_probe import start_probe
 from .optim import build_optimizer
+from .recipe import announce, pretrain_recipe
+from .shards import open_dataset
+from .tracking import closes_sinks
 from .video import VIDEO_MODEL_CONFIGS, VideoMAE
 from .video_data import build_video_dataset
 
@@ -82,19 +89,6 @@ def build_model(config: dict):
     return VideoMAE(config) if is_video(config) else MAE(config)
 
 
-def model_config_of(saved_args: dict) -> dict:
-    """The model config a checkpoint's saved arguments describe (older checkpoints, ours and the
-    official ones, saved the model name and size flags only)."""
-    if saved_args.get("model_config"):
-        return resolve_config(saved_args["model_config"])
-    config = {**MODEL_CONFIGS[saved_args["model"]], "img_size": saved_args.get("input_size", 224),
-              "norm_pix_loss": bool(saved_args.get("norm_pix_loss", False)),
-              "use_kernels": not saved_args.get("no_kernels", False)}
-    if saved_args.get("patch_size"):
-        config["patch_size"] = saved_args["patch_size"]
-    return resolve_config(config)
-
-
 def model_from_checkpoint(path, load_weights: bool = True, trust: bool = False):
     """(model, saved arguments) of a `mae pretrain` checkpoint; random weights if told so."""
     state = load_checkpoint(path, trust=trust)
@@ -138,35 +132,44 @@ def model_of_state(state: dict, path, load: bool = True):
     return model
 
 
+@closes_sinks
 def pretrain(args) -> dict:
     apply_defaults(args)
     rank, world_size, device, log = start_run(args)
     main = rank == 0
-    def data(split: str, augment: bool, length):
+    loader_kind = getattr(args, "data_loader", "pil")
+
+    def data(split: str, augment: bool, length, loader: str = "pil"):
         if args.video:
             return build_video_dataset(args.data_path, args.input_size, args.num_frames, split,
                                        augment, seed=args.seed, length=length,
                                        sampling_rate=args.sampling_rate, required=False)
-        return build_dataset(args.data_path, args.input_size, split, augment, seed=args.seed,
-                             length=length, required=False)
+        return open_dataset(args.data_path, args.input_size, split, augment, seed=args.seed,
+                            length=length, required=False, loader=loader)
 
-    dataset = data("train", True, args.dataset_size)
+    dataset = data("train", True, args.dataset_size, loader_kind)
+    # --data-loader gpu: the workers send bytes, each step decodes and crops on the device
+    prepare = (GpuBatches(args.input_size, device, args.seed, rank) if loader_kind == "gpu"
+               else None)
     sampler, loader = make_loader(dataset, args, rank, world_size, device)
 
     model = build_model(args.model_config).to(device)
     eff_batch = args.batch_size * args.accum_iter * world_size
+    probe, probe_val = start_probe(args, model, device, eff_batch)  # draws no random numbers
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    train_model = wrap_for_training(model, args, world_size, device)  # before the optimizer
     optimizer = build_optimizer(model, lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch = resume_from(args, model, optimizer, scaler, main, log)
-    train_model = wrap_for_training(model, args, world_size, device)
+    start_at = resume_from(args, model, optimizer, scaler, main, log)
 
     preview = data("val", False, 4)
     readable = [item[0] for item in map(preview.__getitem__, range(min(4, len(preview))))
                 if item is not None]
     # the epoch figures show pixels: none for a model that predicts HOG features
     pixels = args.model_config["target"] == "pixel"
-    preview_imgs = torch.stack(readable).to(device) if readable and pixels else None
+    # a sharded model runs only where every rank calls it: no figures (draw from `mae export`)
+    preview_imgs = (torch.stack(readable).to(device) if readable and pixels and not args.fsdp
+                    else None)
     preview_noise = model.draw_noise(len(readable),
                                      torch.Generator().manual_seed(args.seed)).to(device)
     if main:
@@ -176,30 +179,46 @@ def pretrain(args) -> dict:
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
               f"{len(dataset)} {'clips' if args.video else 'images'}, effective batch "
               f"{eff_batch}, lr {lr:.2e}, {world_size} process(es) on {device.type}")
+        announce("pretrain", pretrain_recipe(args, eff_batch, lr), log, args.output_dir)
 
-    def loss_fn(m, imgs, _labels):
-        return m(imgs, args.mask_ratio).loss
+    def loss_fn(m, imgs, labels):
+        loss = m(imgs, args.mask_ratio).loss
+        if probe is not None:  # on the features of the forward just run, detached
+            probe.step(labels)
+        return loss
 
     summary = {"epochs": [], "skipped_images": 0}
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_at.epoch, args.epochs):
         seed_epoch(args.seed, epoch, rank)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        dataset.set_epoch(epoch)  # first: for shards it is the sampler enter_epoch skips in
+        resumed = enter_epoch(sampler, epoch, start_at, args)
         start = time.perf_counter()
-        loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch,
-                                        args, log, lr, loss_fn)
+        try:
+            loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device,
+                                            epoch, args, log, lr, loss_fn, resumed, prepare)
+        except Preempted as stopped:
+            save_stopped(args, model, optimizer, scaler, stopped)
+            raise
         summary["skipped_images"] += skipped
         record = dict(kind="epoch", epoch=epoch, loss=loss, skipped_images=skipped,
                       seconds=time.perf_counter() - start)
+        if probe is not None and main:
+            record.update(probe_loss=probe.train_loss(),
+                          probe_top1=probe.evaluate(probe_val, args.mask_ratio, args.seed,
+                                                    args.batch_size))
         summary["epochs"].append(record)
+        if main:
+            log.write(**record)
+            print(f"epoch {epoch}: loss {loss:.4f}"
+                  + (f", online probe top-1 {record['probe_top1']:.1f}" if probe else "")
+                  + (f", {skipped} unreadable images skipped" if skipped else ""))
+        save_epoch(args, model, optimizer, scaler, epoch, len(loader))  # the work first
         if not main:
             continue
-        log.write(**record)
-        print(f"epoch {epoch}: loss {loss:.4f}" + (f", {skipped} unreadable images skipped"
-                                                  if skipped else ""))
-        save_epoch(args, model, optimizer, scaler, epoch, len(loader))  # the work first
         if preview_imgs is not None:
             save_reconstruction_figure(model, preview_imgs,
                                        Path(args.output_dir) / f"reconstruction-{epoch:03d}.png",
                                        args.mask_ratio, preview_noise, title=f"epoch {epoch}")
+    if main and summary["epochs"]:
+        save_curves(Path(args.output_dir))
     return summary

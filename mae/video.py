@@ -96,7 +96,8 @@ class VideoMAE(nn.Module):
         self.grid_size = self.patch_embed.grid_size
         self.pos_embed = nn.Parameter(sincos_3d(dim, self.grid_size)[None], requires_grad=False)
         self.blocks = nn.ModuleList([Block(dim, config["encoder_heads"], config["mlp_ratio"],
-                                           norm_layer) for _ in range(config["encoder_layers"])])
+                                           norm_layer, config["encoder_mlp_dim"])
+                                     for _ in range(config["encoder_layers"])])
         self.norm = norm_layer(dim)
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))

@@ -49,6 +49,9 @@ OUTPUTS = ["plan.log", "build.log", "sanitizer.log", "ops.json", "step.json", "e
 # - a ViT-B/16 step case, compiled: Inductor compiles forward and backward of the whole model.
 TEST_S, OP_S, OP_COMPILED_S, STEP_S, STEP_COMPILED_S = 0.6, 1.3, 5.0, 15.0, 90.0
 OP_LONG_COMPILE_S = 120
+# a loader case: resized_crop's reference at B=256 is 256 resizes of ~20 launches each per call;
+# the worker stages run 64 JPEGs through Pillow per round on one core
+LOADER_S = 6.0
 PYTEST_START_S = 15  # imports, CUDA init, collection
 INDUCTOR_START_S = 10  # Inductor's first compile in a process: its imports, its worker pool
 REPORT_S = 3  # RESULTS.md remade after each benchmark stage
@@ -90,14 +93,20 @@ class Stage:
 OPS = ["benchmarks/test_ops.py", "-m",
        "vit_b and bf16 and not video and not (compiled and long_compile)"]
 STEPS = ["benchmarks/test_training_step.py", "-m", "vit_b and not compiled"]
-# The default extras, in this order (#24's): the op cases whose compile takes minutes, the
-# compiled steps (ours, the reference, HF ViTMAE), VideoMAE's ops.
+# The default extras, in this order: the input pipeline's cases (below), then #24's: the op
+# cases whose compile takes minutes, the compiled steps (ours, the reference, HF ViTMAE),
+# VideoMAE's ops.
 EXTRAS_LONG = ["benchmarks/test_ops.py::test_masking", "-m",
                "vit_b and bf16 and compiled and long_compile"]
 EXTRAS_STEPS = ["benchmarks/test_training_step.py", "-m", "vit_b and step and compiled"]
 EXTRAS_VIDEO = [f"benchmarks/test_ops.py::{test}"
                 for test in ("test_tube_masking", "test_mae_loss", "test_patchify")] + [
                 "-m", "vit_b and bf16 and video"]
+# The input pipeline (#21): resized_crop against its per-sample reference, the loaders' worker
+# stages and the main-process decode + crop against torchvision's per-sample loop, at B=256.
+# Their compiled reference unrolls a per-sample loop of different crop shapes: left out.
+EXTRAS_LOADER = ["benchmarks/test_resized_crop.py", "benchmarks/test_loader.py", "-m",
+                 "loader and not compiled"]
 # (The extras' marks are disjoint, so one -m expression, their union, selects each on its paths.)
 # What each selection collects (`python3 scripts/gpu_plan.py --count` recounts them).
 CASES = {
@@ -106,6 +115,7 @@ CASES = {
     "steps": 4,
     "extras long compile": 2,
     "extras steps compiled": 4,
+    "extras loader": 12,
     "extras video": 16, "extras video compiled": 8,
 }
 
@@ -126,11 +136,13 @@ def _compiled(select: list[str], compiled: bool) -> list[str]:
 def plan(extras_k: str | None = None) -> list[Stage]:
     # pytest runs the paths in the order given, each selection's marks applied to its paths;
     # with -k the extras' count is not known in advance: they get the time that is left
-    extras = [EXTRAS_LONG, EXTRAS_STEPS, EXTRAS_VIDEO]
+    # the loader's cases first: cheap, and the only GPU figures #21 has
+    extras = [EXTRAS_LOADER, EXTRAS_LONG, EXTRAS_STEPS, EXTRAS_VIDEO]
     extras_select = ["benchmarks", "-k", extras_k] if extras_k else [
         *(path for select in extras for path in _paths(select)), "-m",
         " or ".join(f"({_marks(select)})" for select in extras)]
     extras_parts = [] if extras_k else [
+        Part(EXTRAS_LOADER, CASES["extras loader"], LOADER_S),
         Part(EXTRAS_LONG, CASES["extras long compile"], OP_LONG_COMPILE_S),
         Part(EXTRAS_STEPS, CASES["extras steps compiled"], STEP_COMPILED_S),
         Part(_compiled(EXTRAS_VIDEO, False), CASES["extras video"], OP_S),

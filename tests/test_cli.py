@@ -439,3 +439,19 @@ def test_ablate_writes_the_tables_and_plot(tmp_path):
     assert table.count("\n| 0.75 |") == 1 and "\n| 1 |" in table
     with Image.open(tmp_path / "ablation.png") as img:
         assert img.size[0] > 300
+
+
+@pytest.mark.parametrize("text,key", [("scale: null", "scale"), ("hflip: null", "hflip"),
+                                      ("batch_size: null", "batch_size")])
+def test_a_null_config_value_for_a_flag_with_a_default_is_one_error_line(tmp_path, capsys,
+                                                                         text, key):
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    code, errors = exit_code_and_errors(["finetune", "--config", str(path), "--finetune",
+                                         str(tmp_path / "x.pth"), "--device", "cpu"], capsys)
+    assert code == 2 and errors == [f"error: --config {path}: {key} must be a value, not null"]
+    # null still means "unset" where the flag's default is unset
+    path.write_text("nb_classes: null\nresume: null\n")
+    args = parse_args(["finetune", "--config", str(path), "--finetune", "x.pth", "--device",
+                       "cpu"])
+    assert args.nb_classes is None and args.resume is None

@@ -209,3 +209,46 @@ def test_random_init_keeps_the_architecture_and_drops_the_weights(tmp_path, monk
                        *FAST, "--output-dir", str(tmp_path / "ft")])
     finetune_module.finetune(args)
     assert args.vit_config["encoder_layers"] == 12 and args.vit_config["patch_size"] == 4
+    records = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
+    recipe = [r for r in records if r["kind"] == "recipe"]
+    assert len(recipe) == 1 and recipe[0]["command"] == "finetune"
+    assert recipe[0]["recipe"]["patch_size"] == {"value": 4, "source": "flag"}
+    assert recipe[0]["recipe"]["mixup"] == {"value": 0.0, "source": "demo", "note": "off"}
+    assert json.loads((tmp_path / "ft" / "recipe.json").read_text())["recipe"] == \
+        recipe[0]["recipe"]
+
+
+def transform_parts(args):
+    finetune_module.apply_defaults(args, None)
+    return {type(t).__name__: t for t in finetune_module.train_transform(args).transforms}
+
+
+def test_augmentation_knobs_reach_timm_s_transform(tmp_path):
+    """--scale / --ratio / --hflip / --vflip / --train-interpolation / --color-jitter, from the
+    command line and from --config, are what create_transform builds."""
+    from torchvision.transforms import InterpolationMode
+
+    official = transform_parts(parse_args(["finetune", "--data-path", "/d",
+                                           "--model", "vit_tiny_patch16"]))
+    crop = official["RandomResizedCropAndInterpolation"]
+    assert (crop.scale, crop.ratio) == ((0.08, 1.0), (3 / 4, 4 / 3))
+    assert crop.interpolation == InterpolationMode.BICUBIC  # main_finetune.py's
+    assert official["RandomHorizontalFlip"].p == 0.5 and "RandomVerticalFlip" not in official
+    assert "RandAugment" in official and "RandomErasing" in official
+    assert "ColorJitter" not in official
+    small = transform_parts(parse_args([
+        "finetune", "--scale", "0.5", "1", "--ratio", "0.9", "1.1", "--hflip", "0",
+        "--vflip", "0.25", "--train-interpolation", "bilinear", "--color-jitter", "0.3",
+        "--aa", "none", "--reprob", "0", "--input-size", "32"]))
+    crop = small["RandomResizedCropAndInterpolation"]
+    assert (crop.scale, crop.ratio, crop.size) == ((0.5, 1.0), (0.9, 1.1), (32, 32))
+    assert crop.interpolation == InterpolationMode.BILINEAR
+    assert "RandomHorizontalFlip" not in small and small["RandomVerticalFlip"].p == 0.25
+    assert small["ColorJitter"].brightness == pytest.approx((0.7, 1.3))
+    assert "RandAugment" not in small and "RandomErasing" not in small
+    config = tmp_path / "small.yaml"
+    config.write_text("scale: [0.8, 1.0]\nhflip: 0\ntrain_interpolation: random\n")
+    from_file = transform_parts(parse_args(["finetune", "--config", str(config)]))
+    crop = from_file["RandomResizedCropAndInterpolation"]
+    assert crop.scale == (0.8, 1.0) and "RandomHorizontalFlip" not in from_file
+    assert isinstance(crop.interpolation, tuple)  # timm's random: bilinear or bicubic

@@ -69,7 +69,9 @@ def test_the_head_is_main_linprobe_s():
     assert torch.equal(linear.bias, torch.zeros(10))
 
 
-def test_augmentation_is_a_random_resized_crop_and_flip_per_epoch(monkeypatch):
+@pytest.fixture
+def crops(monkeypatch):
+    """The keyword arguments of each random_resized_crop the probe's data set draws."""
     seen = []
     real = linprobe_module.random_resized_crop
 
@@ -78,13 +80,60 @@ def test_augmentation_is_a_random_resized_crop_and_flip_per_epoch(monkeypatch):
         return real(img, size, rng, **kwargs)
 
     monkeypatch.setattr(linprobe_module, "random_resized_crop", spy)
+    return seen
+
+
+def test_augmentation_is_a_random_resized_crop_and_flip_per_epoch(crops):
+    seen = crops
     train = linprobe_module.ProbeTrainSet(ShapesDataset(split="train", length=4), 16, seed=0)
     first, label = train[1]
     assert first.shape == (3, 16, 16) and label == 1
-    assert seen == [{"scale": (0.08, 1.0)}]  # torchvision's default area range, not MAE's 0.2
+    # torchvision's default area and aspect ranges, not MAE's pre-training 0.2
+    assert seen == [{"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)}]
     assert torch.equal(train[1][0], first)  # the same draw for the same (seed, epoch, index)
     train.set_epoch(1)
     assert not torch.equal(train[1][0], first)
+
+
+def test_crop_and_flip_follow_scale_ratio_and_hflip(crops):
+    seen = crops
+    base = ShapesDataset(split="train", length=8)
+    whole = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0)}  # the whole square image, resized
+    never = linprobe_module.ProbeTrainSet(base, 16, seed=0, hflip=0.0, **whole)
+    always = linprobe_module.ProbeTrainSet(base, 16, seed=0, hflip=1.0, **whole)
+    for i in range(8):
+        assert torch.equal(always[i][0], never[i][0].flip(-1))
+    assert seen[0] == whole
+    linprobe_module.ProbeTrainSet(base, 16, seed=0, scale=(0.5, 1.0), ratio=(0.9, 1.1))[0]
+    assert seen[-1] == {"scale": (0.5, 1.0), "ratio": (0.9, 1.1)}
+
+
+@pytest.mark.slow
+def test_the_flags_reach_the_probe_s_augmentation(encoder, tmp_path, monkeypatch):
+    made = []
+    real = linprobe_module.ProbeTrainSet
+
+    def recorded(*args):
+        made.append(args[3:])
+        return real(*args)
+
+    monkeypatch.setattr(linprobe_module, "ProbeTrainSet", recorded)
+    data = image_folder(tmp_path / "data", {"h-stripes", "v-stripes"}, train=40, val=20)
+    config = tmp_path / "probe.yaml"
+    config.write_text("ratio: [0.8, 1.25]\n")
+    linprobe_module.linprobe(parse_args([
+        "linprobe", "--finetune", str(encoder), "--data-path", str(data), "--config",
+        str(config), "--scale", "0.5", "1", "--hflip", "0", "--batch-size", "4", "--epochs", "1",
+        "--warmup-epochs", "0", "--num-workers", "0", "--quiet", "--device", "cpu"]))
+    assert made == [([0.5, 1.0], [0.8, 1.25], 0.0)]
+
+
+def test_an_augmentation_flag_for_the_demo_is_an_error(encoder, capsys):
+    """The demo probes features extracted once from the images as they are: nothing to flip."""
+    assert main(["linprobe", "--checkpoint", str(encoder), "--hflip", "0", "--epochs", "1",
+                 "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --hflip") and "demo" in err[0]
 
 
 def test_official_recipe_trains_with_lars_and_learns(encoder, tmp_path):
@@ -109,7 +158,10 @@ def test_demo_keeps_its_settings_and_shows_a_progress_bar(encoder, capsys):
             "--val-size", "20", "--num-workers", "0", "--device", "cpu"]
     result = linprobe_module.linprobe(parse_args(argv))
     assert (result["recipe"], result["optimizer"], result["batch_size"]) == ("demo", "SGD", 256)
-    assert "linprobe (demo)" in capsys.readouterr().err  # tqdm's bar
+    captured = capsys.readouterr()
+    assert "linprobe (demo)" in captured.err  # tqdm's bar
+    assert captured.out.count("recipe of mae linprobe") == 1
+    assert result["recipe_values"]["epochs"] == {"value": 2, "source": "flag"}
     linprobe_module.linprobe(parse_args([*argv, "--quiet"]))
     assert "linprobe" not in capsys.readouterr().err
 

@@ -1,0 +1,325 @@
+"""WebDataset tar shards (mae/shards.py): `mae shards` writes them, `ShardDataset` reads them
+split across ranks and workers, for both loaders."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from mae.cli import main
+from mae.gpu_data import EncodedItem
+from mae.shards import ShardDataset, open_dataset, shard_urls, write_shards
+
+from .test_gpu_loader import smooth_image
+
+
+def image_folder(root, counts=(("train", 12), ("val", 5))):
+    """root/<split>/c<k>/<i>.png|jpg: three classes, small images of varied sizes."""
+    files = {}
+    for split, n in counts:
+        for i in range(n):
+            folder = root / split / f"c{i % 3}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{i}.{'jpg' if i % 2 else 'png'}"
+            Image.fromarray(smooth_image(20 + i, 24 + 2 * i, i)).save(path)
+            files[str(path.relative_to(root))] = (path.read_bytes(), i % 3)
+    return files
+
+
+@pytest.fixture
+def shards(tmp_path):
+    files = image_folder(tmp_path / "data")
+    patterns = write_shards(tmp_path / "data", tmp_path / "shards", shard_size=5)
+    return files, patterns, tmp_path
+
+
+def every_sample(dataset, workers: int):
+    """(global index, bytes, label, name) of each worker's samples, as the loader sees them."""
+    return [(index, data, label, name) for w in range(workers)
+            for data, label, name, index in dataset.worker_samples(w, workers)]
+
+
+def test_shards_round_trip_bytes_and_labels(shards, capsys):
+    files, patterns, tmp_path = shards
+    assert patterns == {"train": str(tmp_path / "shards" / "train-{000000..000002}.tar"),
+                        "val": str(tmp_path / "shards" / "val-000000.tar")}
+    index = json.loads((tmp_path / "shards" / "train-index.json").read_text())
+    assert index["count"] == 12 and index["classes"] == ["c0", "c1", "c2"]
+    assert list(index["shards"].values()) == [5, 5, 2]
+    for split, n in (("train", 12), ("val", 5)):
+        dataset = ShardDataset(shard_urls(patterns["train"], split, True), 16, False,
+                               encoded=True)
+        seen = every_sample(dataset, 1)
+        assert sorted(i for i, *_ in seen) == list(range(n))
+        for _, data, label, name in seen:
+            relative = name.rsplit(":", 1)[1]
+            assert relative.startswith(split) and (data, label) == files[relative]
+    labels = Counter(label for _, _, label, _ in every_sample(
+        ShardDataset(shard_urls(patterns["train"], "train", True), 16, False), 1))
+    assert labels == Counter({0: 4, 1: 4, 2: 4})
+    # the command prints the pattern to pass
+    assert main(["shards", str(tmp_path / "data"), str(tmp_path / "again"),
+                 "--shard-size", "5"]) == 0
+    assert f"--data-path '{tmp_path / 'again' / 'train-{000000..000002}.tar'}'" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_two_ranks_by_two_workers_read_every_sample_once_per_epoch(shards, train):
+    _, patterns, _ = shards
+    urls = shard_urls(patterns["train"], "train", True)
+    orders = []
+    for epoch in (0, 1):
+        read = []
+        for rank in (0, 1):
+            dataset = ShardDataset(urls, 16, train).split(rank, 2, 3, train)
+            dataset.set_epoch(epoch)
+            assert len(dataset) == 6
+            read += [i for i, *_ in every_sample(dataset, 2)]
+        assert sorted(read) == list(range(12))  # 12 = 2 ranks x 2 batches of 3: none dropped
+        orders.append(read)
+    assert (orders[0] != orders[1]) == train  # shard order reshuffled per epoch when training
+    again = ShardDataset(urls, 16, train).split(1, 2, 3, train)
+    again.set_epoch(1)
+    assert [i for i, *_ in every_sample(again, 2)] == orders[1][6:]  # seeded: the same order
+
+
+def test_a_training_epoch_drops_the_remainder_as_distributed_sampler_does(shards):
+    _, patterns, _ = shards
+    urls = shard_urls(patterns["train"], "train", True)
+    read = [i for rank in (0, 1) for i, *_ in
+            every_sample(ShardDataset(urls, 16, True).split(rank, 2, 4, True), 2)]
+    assert len(read) == len(set(read)) == 8  # 12 // 2 ranks = 6 per rank: one batch of 4
+
+
+def test_loader_round_robin_gives_the_share_in_order_and_resumes_mid_epoch(shards):
+    _, patterns, _ = shards
+    urls = shard_urls(patterns["train"], "train", True)
+    dataset = ShardDataset(urls, 16, True, encoded=True).split(0, 1, 2, True)
+    dataset.set_epoch(3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2,
+                                         collate_fn=dataset.collate)
+    assert len(loader) == 6
+    batches = [batch.names for batch, _, _ in loader]
+    in_order = [name for _, _, name, _, _ in dataset.samples(0, 12)]
+    assert [n for names in batches for n in names] == in_order
+    dataset.skip_batches(4, 2)  # a resume at step 4: the epoch's length, its last 2 batches
+    assert len(loader) == 6
+    assert [batch.names for batch, _, _ in loader] == batches[4:]
+
+
+def test_pil_shard_items_are_the_augmented_images(shards):
+    files, patterns, _ = shards
+    train = open_dataset(patterns["train"], 16, "train", augment=True, seed=2)
+    train.set_epoch(1)
+    img, label = next(iter(train))
+    assert img.shape == (3, 16, 16) and img.dtype == torch.float32
+    data, _, name, index, _ = next(train.samples(0, 1))
+    decoded = Image.open(io.BytesIO(data)).convert("RGB")
+    assert torch.equal(img, train.augment.transform(decoded, index))
+    timm_style = open_dataset(patterns["train"], 16, "train", augment=True)
+    timm_style.with_image_transform(lambda img: torch.tensor(img.size))
+    assert next(iter(timm_style))[0].tolist() == list(decoded.size)
+    gpu = open_dataset(patterns["train"], 16, "train", augment=True, loader="gpu")
+    assert isinstance(next(iter(gpu)), EncodedItem)
+    # the folder holding the shards names them too
+    assert shard_urls(str(patterns["train"]).rsplit("/", 1)[0], "val", True) == \
+        shard_urls(patterns["train"], "val", True)
+
+
+def test_bad_shard_input_names_it(shards, tmp_path, capsys):
+    _, patterns, _ = shards
+    assert main(["shards", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "nowhere is not a directory" in errors[0]
+    with pytest.raises(FileNotFoundError, match="no shard .*train-000003.tar"):
+        shard_urls(str(tmp_path / "shards" / "train-{000000..000009}.tar"), "train", True)
+    (tmp_path / "shards" / "val-index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no 'val' split"):
+        shard_urls(patterns["train"], "val", True)
+    assert shard_urls(patterns["train"], "val", False) == shard_urls(patterns["train"],
+                                                                     "train", True)
+
+
+@pytest.mark.slow
+# ids without "gpu": conftest skips tests keyed "gpu" where there is no CUDA device
+@pytest.mark.parametrize("loader", ["pil", "gpu"], ids=["pillow-workers", "bytes-workers"])
+def test_pretrain_and_linprobe_on_shards_train_end_to_end(shards, loader, capsys):
+    from mae.cli import parse_args
+    from mae.pretrain import pretrain
+
+    _, patterns, tmp_path = shards
+    args = parse_args(["pretrain", "--model", "mae_vit_tiny_patch16", "--input-size", "16",
+                       "--patch-size", "4", "--batch-size", "4", "--epochs", "2",
+                       "--num-workers", "2", "--warmup-epochs", "1", "--quiet", "--device",
+                       "cpu", "--data-path", patterns["train"], "--data-loader", loader,
+                       "--output-dir", str(tmp_path / loader)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = pretrain(args)
+    assert len(summary["epochs"]) == 2 and all(math.isfinite(r["loss"])
+                                               for r in summary["epochs"])
+    checkpoint = tmp_path / loader / "checkpoint-last.pth"
+    flags = ["linprobe", "--finetune", str(checkpoint), "--data-path", patterns["train"],
+             "--data-loader", loader, "--epochs", "2", "--batch-size", "4", "--num-workers",
+             "0", "--quiet", "--device", "cpu"]
+    capsys.readouterr()
+    if loader == "gpu":  # the official probe's crops are drawn on the device
+        assert main(flags) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["val_images"] == 5 and result["train_images"] == 12
+    else:
+        assert main(flags) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "--data-loader gpu" in errors[0]
+
+
+@pytest.mark.slow
+def test_gpu_loader_on_shards_resumes_bit_for_bit(shards, monkeypatch):
+    """Shard order per (seed, epoch), boxes per (seed, epoch, rank, step): a run killed in
+    epoch 1 and resumed ends with the weights of one that was not."""
+    from mae import checkpoint
+    from mae import pretrain as pretrain_module
+    from mae.cli import parse_args
+
+    _, patterns, tmp_path = shards
+
+    def run(out, *extra):
+        return pretrain_module.pretrain(parse_args([
+            "pretrain", "--model", "mae_vit_tiny_patch16", "--input-size", "16", "--patch-size",
+            "4", "--batch-size", "4", "--epochs", "2", "--num-workers", "2", "--warmup-epochs",
+            "1", "--quiet", "--device", "cpu", "--data-path", patterns["train"],
+            "--data-loader", "gpu", "--output-dir", str(out), *extra]))
+
+    run(tmp_path / "straight")
+    real_epoch = pretrain_module.train_one_epoch
+
+    def killed_in_epoch_one(model, loader, optimizer, scaler, device, epoch, *rest):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(model, loader, optimizer, scaler, device, epoch, *rest)
+
+    monkeypatch.setattr(pretrain_module, "train_one_epoch", killed_in_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "stopped")
+    monkeypatch.setattr(pretrain_module, "train_one_epoch", real_epoch)
+    run(tmp_path / "stopped", "--resume", "auto")
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint-last.pth")["model"]
+    b = checkpoint.load_checkpoint(tmp_path / "stopped" / "checkpoint-last.pth")["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_finetune_trains_on_shards_through_either_loader(shards):
+    """timm's transform in the shard workers (train), either loader for evaluation. Not marked
+    slow: it needs timm, so it runs in the row that has it (the slow tests' row has not)."""
+    pytest.importorskip("timm", reason="the [finetune] extra (timm, torchvision) is not installed")
+    from mae.cli import parse_args
+    from mae.finetune import finetune
+
+    _, patterns, tmp_path = shards
+    for loader in ("pil", "gpu"):
+        summary = finetune(parse_args([
+            "finetune", "--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4",
+            "--batch-size", "4", "--epochs", "1", "--num-workers", "2", "--warmup-epochs", "1",
+            "--quiet", "--device", "cpu", "--data-path", str(tmp_path / "shards"),
+            "--data-loader", loader, "--output-dir", str(tmp_path / loader)]))
+        assert summary["val_images"] == 5 and math.isfinite(summary["loss"])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_epoch_on_shards_resumes_bit_for_bit(shards, monkeypatch, capsys):
+    """Stopped by SIGTERM at epoch 1 step 2 of 6 and resumed: the resumed epoch reads only
+    its last 4 batches (set_epoch once skipped them anew, replaying the epoch)."""
+    from .test_preemption import assert_same_weights, tiny
+
+    _, patterns, tmp_path = shards
+
+    def run(out, *extra):
+        flags = [*tiny(tmp_path, out, *extra), "--data-path", patterns["train"],
+                 "--batch-size", "2"]
+        flags.remove("--dataset-size")
+        flags.remove("32")
+        return main(flags)
+
+    assert run(tmp_path / "straight") == 0
+    monkeypatch.setenv("MAE_TEST_SIGNAL_AT_STEP", "7")
+    capsys.readouterr()
+    assert run(tmp_path / "stopped") == 0
+    assert " at epoch 1 step 2; " in capsys.readouterr().out.splitlines()[-1]
+    monkeypatch.delenv("MAE_TEST_SIGNAL_AT_STEP")
+    assert run(tmp_path / "stopped", "--resume", "auto") == 0
+    assert_same_weights(tmp_path / "straight" / "checkpoint-1.pth",
+                        tmp_path / "stopped" / "checkpoint-1.pth")
+
+
+def test_a_skip_outlives_setting_the_same_epoch_again(shards):
+    _, patterns, _ = shards
+    dataset = ShardDataset(shard_urls(patterns["train"], "train", True), 16, True,
+                           encoded=True).split(0, 1, 2, True)
+    dataset.set_epoch(1)
+    dataset.skip_batches(4, 2)
+    dataset.set_epoch(1)
+    assert len(every_sample(dataset, 2)) == 4
+    dataset.set_epoch(2)
+    assert len(every_sample(dataset, 2)) == 12
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_is_one_error_line_from_two_workers(shards, capsys):
+    _, patterns, tmp_path = shards
+    from .test_preemption import tiny
+
+    shard = tmp_path / "shards" / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])  # cut in its second sample's bytes
+    flags = [*tiny(tmp_path, tmp_path / "out"), "--data-path", patterns["train"],
+             "--batch-size", "2", "--num-workers", "2"]
+    capsys.readouterr()
+    assert main(flags) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert errors == [f"error: shard {shard}: unexpected end of data"], err
+    assert "Traceback" not in err and "worker" not in err, err
+
+
+def test_a_shard_unlike_its_index_or_with_a_bad_label_is_named(shards):
+    _, patterns, tmp_path = shards
+    urls = shard_urls(patterns["train"], "train", True)
+    index = tmp_path / "shards" / "train-index.json"
+    counts = json.loads(index.read_text())
+    counts["shards"]["train-000002.tar"] = 3
+    index.write_text(json.dumps(counts))
+    with pytest.raises(ValueError, match=r"^shard .*train-000002.tar holds 2 samples, its "
+                                         r"index says 3$"):
+        list(ShardDataset(urls, 16, False, encoded=True).samples(10, 13))
+    from webdataset import TarWriter
+
+    with TarWriter(str(tmp_path / "shards" / "train-000002.tar"), encoder=False) as writer:
+        for key in ("a", "b", "c"):
+            writer.write({"__key__": key, "png": b"", "cls": b"cat"})
+    with pytest.raises(ValueError, match=r"^shard .*train-000002.tar: sample a has the label "
+                                         r"b'cat', not a class number$"):
+        list(ShardDataset(urls, 16, False, encoded=True).samples(10, 13))
+
+
+def test_shard_urls_that_would_run_a_command_or_leave_the_folder_are_refused(shards, capsys):
+    _, patterns, tmp_path = shards
+    marker = tmp_path / "ran"
+    pipe = f"pipe:touch {marker} && cat {tmp_path}/shards/train-000000.tar"
+    for spec in (pipe, f"{pipe}::{patterns['train']}"):
+        with pytest.raises(ValueError, match=r"`pipe:` commands are refused"):
+            shard_urls(spec, "train", True)
+    assert main(["pretrain", "--data-path", pipe, "--output-dir", str(tmp_path / "out"),
+                 "--device", "cpu", "--epochs", "1"]) == 1
+    assert "`pipe:` commands are refused" in capsys.readouterr().err
+    assert not marker.exists()
+    index = tmp_path / "shards" / "val-index.json"
+    for name in ("../elsewhere.tar", "/etc/x.tar", "pipe:cat x.tar", "val-000000.zip"):
+        index.write_text(json.dumps({"shards": {name: 5}}))
+        with pytest.raises(ValueError, match=r"val-index.json names .*, not a shard file"):
+            shard_urls(patterns["train"], "val", True)
