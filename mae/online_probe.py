@@ -128,6 +128,11 @@ def start_probe(args, model, device, eff_batch: int):
     if getattr(args, "fsdp", False):
         raise ValueError("--online-probe evaluates the model on one process; it does not "
                          "run with --fsdp")
+    from .shards import shard_urls
+
+    if args.data_path and shard_urls(args.data_path, "train", False) is not None:
+        raise ValueError(f"--online-probe scores on an image folder's val/ split; --data-path "
+                         f"{args.data_path} names tar shards, which it does not read")
     size = args.probe_val_size or VAL_SIZE
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

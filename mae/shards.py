@@ -92,6 +92,16 @@ def read_index(path: str) -> dict:
     if bad is not None:
         raise ValueError(f"--data-path: the shard index {path} names {bad!r}, not a shard "
                          f"file beside it (<name>.tar)")
+    bad = next((name for name, count in index["shards"].items()
+                if type(count) is not int or count < 0), None)
+    if bad is not None:
+        raise ValueError(f"--data-path: the shard index {path} gives {bad} the count "
+                         f"{index['shards'][bad]!r}, not a number of samples")
+    classes = index.get("classes")
+    if classes is not None and not (isinstance(classes, list)
+                                    and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"--data-path: the shard index {path} has 'classes' {classes!r}, "
+                         f"not a list of names")
     return index
 
 
@@ -101,10 +111,17 @@ def shard_urls(data_path, split: str, required: bool) -> list[str] | None:
     folder holding `<split>-index.json` and no `<split>/` folder."""
     path = Path(str(data_path))
     if path.is_dir():
-        index = path / f"{split}{INDEX_SUFFIX}"
-        if (path / split).is_dir() or not index.is_file():
+        index, train = path / f"{split}{INDEX_SUFFIX}", path / f"train{INDEX_SUFFIX}"
+        if (path / split).is_dir():
             return None
-        return [str(path / name) for name in read_index(str(index))["shards"]]
+        if index.is_file():
+            return [str(path / name) for name in read_index(str(index))["shards"]]
+        if not train.is_file() or (path / "train").is_dir():
+            return None  # an image folder
+        if required:
+            raise FileNotFoundError(f"--data-path {data_path} has no {split!r} split: expected "
+                                    f"{index} beside {train.name} (`mae shards` writes it)")
+        return [str(path / name) for name in read_index(str(train))["shards"]]
     if not is_shard_spec(data_path):
         return None
     urls = _expand(str(data_path))
@@ -147,6 +164,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.counts = [int(counts[u.rsplit("/", 1)[-1]]) for u in urls]
         self.first = [sum(self.counts[:i]) for i in range(len(urls))]  # global index of each
         self.classes = list(index.get("classes") or ["images"])
+        self.num_classes = len(index["classes"]) if index.get("classes") else None
         self.augment = Augmented(size, train, seed)
         self.image_transform = None
         self.train, self.seed, self.encoded = train, seed, encoded
@@ -196,6 +214,17 @@ class ShardDataset(torch.utils.data.IterableDataset):
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order
 
+    def places(self, shard: int) -> list[int] | None:
+        """Where each of the shard's samples falls among the shard's places in this epoch (a
+        permutation seeded by seed, epoch and shard), or None where the shard is read in
+        order: training reshuffles the samples within each shard every epoch, not only the
+        shards, so a small set in one shard still gets new batches."""
+        if not self.shuffle:
+            return None
+        places = list(range(self.counts[shard]))
+        random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_033 + shard).shuffle(places)
+        return places
+
     def skip_batches(self, batches: int, batch_size: int) -> None:
         """Leave out the epoch's first `batches` batches (a mid-epoch resume), until the next
         `set_epoch`; their samples are not decoded."""
@@ -205,51 +234,70 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """(bytes, label, name, global index) of worker `worker`'s batches: every `workers`-th
         batch of this rank's share from the first not skipped, so the DataLoader's round robin
         over its workers yields the share's batches in order (the same whatever the worker
-        count, and after a resume). Each worker reads the share's shards; it decodes only its
-        own samples."""
+        count, and after a resume). Each worker reads the share's shards; it keeps and decodes
+        only its own samples."""
         start, stop = self._share()
         first = start + self.skipped * self.batch_size
-        for data, label, name, index, at in self.samples(first, stop):
-            if (at - first) // self.batch_size % workers == worker:
-                yield data, label, name, index
 
-    def samples(self, start: int, stop: int):
-        """(bytes, label, name, global index, place in the epoch) of the epoch's samples
-        [start, stop), reading only the shards that hold them. A shard that cannot be read, or
-        holds other than its index's count, is a `ShardError` naming it."""
+        def mine(at: int) -> bool:
+            return (at - first) // self.batch_size % workers == worker
+
+        for data, label, name, index, _ in self.samples(first, stop, mine):
+            yield data, label, name, index
+
+    def samples(self, start: int, stop: int, wanted=None):
+        """(bytes, label, name, global index, place in the epoch) of the epoch's places
+        [start, stop) (those `wanted(place)` keeps), reading only the shards that hold them.
+        A shuffled shard is read whole and its wanted samples yielded in their epoch order:
+        a worker holds its part of one shard's bytes at a time. A shard that cannot be read,
+        or holds other than its index's count, is a `ShardError` naming it."""
         from webdataset.tariterators import tarfile_samples
 
         offset = 0
         for s in self.order():
             count, url = self.counts[s], self.urls[s]
             if offset + count > start and offset < stop:
-                seen = 0
+                places, held, seen = self.places(s), {}, 0
                 try:
                     for position, sample in enumerate(tarfile_samples([{"url": url}])):
-                        seen += 1
-                        if offset + position < start:
-                            continue
-                        if offset + position >= stop:
+                        seen = position + 1
+                        if position >= count:
+                            raise ShardError(f"shard {url} holds more than the {count} samples "
+                                             f"its index says")
+                        at = offset + (position if places is None else places[position])
+                        if places is None and at >= stop:
                             break
-                        yield self._fields(sample, url) + (self.first[s] + position,
-                                                           offset + position)
+                        if at < start or at >= stop or (wanted is not None and not wanted(at)):
+                            continue
+                        fields = self._fields(sample, url) + (self.first[s] + position, at)
+                        if places is None:
+                            yield fields
+                        else:
+                            held[at] = fields
                     else:
                         if seen != count:
                             raise ShardError(f"shard {url} holds {seen} samples, its index "
                                              f"says {count}")
-                except (tarfile.TarError, OSError, EOFError) as exc:
+                except ShardError:
+                    raise
+                except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                     # webdataset appends the stream and URL to args, and " @ <stream>" to the text
                     reason = str(exc.args[0] if exc.args else exc).partition(" @ ")[0]
                     raise ShardError(f"shard {url}: {reason}") from exc
+                for at in sorted(held):
+                    yield held[at]
             offset += count
 
-    @staticmethod
-    def _fields(sample: dict, url: str):
-        name = sample.get("name", sample["__key__"].encode()).decode()
+    def _fields(self, sample: dict, url: str):
+        key = sample["__key__"]
+        name = sample.get("name", key.encode()).decode(errors="replace")
         label = sample.get("cls", b"0")
         if not label.strip().isdigit():
-            raise ShardError(f"shard {url}: sample {sample['__key__']} has the label "
-                             f"{label!r}, not a class number")
+            raise ShardError(f"shard {url}: sample {key} has the label {label!r}, not a class "
+                             f"number")
+        if self.num_classes is not None and int(label) >= self.num_classes:
+            raise ShardError(f"shard {url}: sample {key} has the label {int(label)}, but its "
+                             f"index names {self.num_classes} classes")
         data = next((v for k, v in sample.items() if not k.startswith("__")
                      and k not in ("cls", "name")), b"")
         return data, int(label), f"{url}:{name}"
@@ -296,12 +344,22 @@ def write_shards(source, out, shard_size: int = 1000, seed: int = 0) -> dict[str
     """Shards of an image folder's train/ and val/ splits (or of the folder as `train`), its
     samples shuffled once (seeded): OUT/<split>-000000.tar ... and OUT/<split>-index.json.
     Returns {split: the --data-path pattern of its shards}."""
-    from webdataset import TarWriter
-
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is not a directory")
     splits = [s for s in SPLITS if (source / s).is_dir()] or ["train"]
+    try:
+        return _write_splits(source, out, splits, shard_size, seed)
+    except OSError as exc:  # a full disk, an OUT that is a file, a file that cannot be read
+        if exc.filename is None:  # our own errors (no images found) say what they are
+            raise
+        raise ValueError(f"mae shards: {exc.filename}: {exc.strerror}") from exc
+
+
+def _write_splits(source: Path, out: Path, splits: list[str], shard_size: int,
+                  seed: int) -> dict[str, str]:
+    from webdataset import TarWriter
+
     out.mkdir(parents=True, exist_ok=True)
     patterns = {}
     for split in splits:

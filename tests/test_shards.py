@@ -323,3 +323,101 @@ def test_shard_urls_that_would_run_a_command_or_leave_the_folder_are_refused(sha
         index.write_text(json.dumps({"shards": {name: 5}}))
         with pytest.raises(ValueError, match=r"val-index.json names .*, not a shard file"):
             shard_urls(patterns["train"], "val", True)
+
+
+def test_training_reshuffles_the_samples_within_each_shard_every_epoch(tmp_path):
+    """One shard holding the whole set: the batches still change from epoch to epoch, each
+    epoch reads every sample once, and evaluation reads the shard in order."""
+    image_folder(tmp_path / "data", counts=(("train", 12),))
+    pattern = write_shards(tmp_path / "data", tmp_path / "one", shard_size=100)["train"]
+    urls = shard_urls(pattern, "train", True)
+    assert len(urls) == 1
+    epochs = []
+    for epoch in (0, 1, 2):
+        dataset = ShardDataset(urls, 16, True, encoded=True).split(0, 1, 4, True)
+        dataset.set_epoch(epoch)
+        epochs.append([i for i, *_ in every_sample(dataset, 2)])
+        assert sorted(epochs[-1]) == list(range(12))
+    batches = [{frozenset(order[k:k + 4]) for k in range(0, 12, 4)} for order in epochs]
+    assert batches[0] != batches[1] != batches[2]
+    evaluation = ShardDataset(urls, 16, False, encoded=True).split(0, 1, 4, False)
+    assert [i for i, *_ in every_sample(evaluation, 1)] == list(range(12))
+
+
+def test_a_folder_with_only_train_shards_serves_the_preview_and_names_a_missing_val(tmp_path):
+    image_folder(tmp_path / "data", counts=(("train", 6),))
+    write_shards(tmp_path / "data", tmp_path / "out", shard_size=4)
+    train = shard_urls(tmp_path / "out", "train", True)
+    assert shard_urls(tmp_path / "out", "val", False) == train  # pretrain's preview
+    with pytest.raises(FileNotFoundError, match=r"has no 'val' split: expected .*val-index.json"):
+        shard_urls(tmp_path / "out", "val", True)
+    assert open_dataset(tmp_path / "out", 16, "val", False, required=False).urls == train
+
+
+@pytest.mark.parametrize("counts, message", [
+    ({"train-000000.tar": None}, "gives train-000000.tar the count None"),
+    ({"train-000000.tar": -1}, "gives train-000000.tar the count -1"),
+    ({"train-000000.tar": 2.5}, "gives train-000000.tar the count 2.5"),
+    ({"train-000000.tar": True}, "gives train-000000.tar the count True"),
+])
+def test_an_index_count_that_is_no_sample_count_is_named(shards, counts, message):
+    _, patterns, tmp_path = shards
+    (tmp_path / "shards" / "train-index.json").write_text(json.dumps({"shards": counts}))
+    with pytest.raises(ValueError, match=message):
+        ShardDataset([str(tmp_path / "shards" / "train-000000.tar")], 16, True)
+
+
+def test_a_label_past_the_index_classes_or_more_samples_than_counted_is_named(shards):
+    from webdataset import TarWriter
+
+    _, patterns, tmp_path = shards
+    urls = shard_urls(patterns["train"], "train", True)
+    shard = tmp_path / "shards" / "train-000002.tar"
+    with TarWriter(str(shard), encoder=False) as writer:  # the index says 2 samples, 3 classes
+        writer.write({"__key__": "a", "png": b"", "cls": b"7"})
+    with pytest.raises(ValueError, match=r"^shard .*train-000002.tar: sample a has the label 7, "
+                                         r"but its index names 3 classes$"):
+        list(ShardDataset(urls, 16, False, encoded=True).samples(10, 12))
+    with TarWriter(str(shard), encoder=False) as writer:
+        for key in "abc":
+            writer.write({"__key__": key, "png": b"", "cls": b"1"})
+    for train in (False, True):  # read in order, and shuffled (read whole)
+        dataset = ShardDataset(urls, 16, train, encoded=True).split(0, 1, 1, train)
+        with pytest.raises(ValueError, match=r"^shard .*train-000002.tar holds more than the 2 "
+                                             r"samples its index says$"):
+            list(dataset.samples(0, 12))
+
+
+def test_a_malformed_sample_and_an_unwritable_output_are_one_error_line(shards, capsys):
+    from webdataset import TarWriter
+
+    _, patterns, tmp_path = shards
+    urls = shard_urls(patterns["train"], "train", True)
+    shard = tmp_path / "shards" / "train-000002.tar"
+    with TarWriter(str(shard), encoder=False) as writer:
+        for key in "ab":
+            writer.write({"__key__": key, "png": b"", "cls": b"1", "name": b"\xff\xfe"})
+    names = [name for _, _, name, _, _ in
+             ShardDataset(urls, 16, False, encoded=True).samples(10, 12)]
+    assert names[0].endswith("train-000002.tar:\ufffd\ufffd")  # undecodable names replaced
+    with TarWriter(str(shard), encoder=False) as writer:
+        writer.write({"__key__": "a", "png": b"", "cls": b"1"})
+        writer.write({"__key__": "b", "png": b"", "PNG": b"", "cls": b"1"})  # a repeated field
+    with pytest.raises(ValueError, match=r"^shard .*train-000002.tar: b.png: duplicate file "):
+        list(ShardDataset(urls, 16, False, encoded=True).samples(10, 12))
+    (tmp_path / "a-file").write_text("")
+    capsys.readouterr()
+    assert main(["shards", str(tmp_path / "data"), str(tmp_path / "a-file")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: mae shards: ") and "a-file" in err and "Traceback" not in err
+
+
+def test_the_online_probe_refuses_shards_in_one_line(shards, capsys):
+    _, patterns, tmp_path = shards
+    capsys.readouterr()
+    assert main(["pretrain", "--data-path", patterns["train"], "--online-probe", "--device",
+                 "cpu", "--epochs", "1", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --online-probe scores on an image folder's val/"), err
+    assert not (tmp_path / "out").exists()
