@@ -190,7 +190,7 @@ def pretrain(args) -> dict:
     summary = {"epochs": [], "skipped_images": 0}
     for epoch in range(start_at.epoch, args.epochs):
         seed_epoch(args.seed, epoch, rank)
-        dataset.set_epoch(epoch)  # first: for shards it is the sampler enter_epoch skips in
+        dataset.set_epoch(epoch)  # for shards also the sampler: setting it again keeps a skip
         resumed = enter_epoch(sampler, epoch, start_at, args)
         start = time.perf_counter()
         try:
