@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mae import gpu_data
-from mae.data import ImageFolderDataset
+from mae.data import gpu as gpu_data
+from mae.data.images import ImageFolderDataset
 from mae_kernels.augment import IMAGENET_MEAN, IMAGENET_STD
 
 from .common import CUDA, GPU_SIZES

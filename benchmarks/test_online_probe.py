@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mae.models import MAE, config_of
-from mae.online_probe import OnlineProbe
+from mae.models.image import MAE, config_of
+from mae.train.online_probe import OnlineProbe
 
 from .test_training_step import CONFIGS, DEVICE, MODELS, _measure
 

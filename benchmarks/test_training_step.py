@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-from mae.models import MAE, config_of
+from mae.models.image import MAE, config_of
 from mae_kernels.integrations import patch_vit_mae
 
 from .common import CUDA, GPU_SIZES, Compiled, cuda_median_ms

@@ -1,44 +1,9 @@
-"""Masked Autoencoder model, training and evaluation built on mae_kernels."""
-from .models import (
-    DEFAULT_CONFIG,
-    MAE,
-    MODEL_CONFIGS,
-    MODELS,
-    MaskedAutoencoderViT,
-    mae_vit_base_patch16,
-    mae_vit_giant_patch14,
-    mae_vit_gigantic_patch14,
-    mae_vit_huge_patch14,
-    mae_vit_large_patch16,
-    mae_vit_small_patch16,
-    mae_vit_tiny_patch16,
-)
-from .pos_embed import interpolate_pos_embed
-from .video import (
-    VIDEO_MODEL_CONFIGS,
-    VideoMAE,
-    mae_videomae_base_patch16,
-    mae_videomae_small_patch16,
-    mae_videomae_tiny_patch16,
-)
+"""Masked Autoencoder model, training and evaluation built on mae_kernels.
 
-__all__ = [
-    "DEFAULT_CONFIG",
-    "MAE",
-    "MODELS",
-    "MODEL_CONFIGS",
-    "MaskedAutoencoderViT",
-    "VIDEO_MODEL_CONFIGS",
-    "VideoMAE",
-    "interpolate_pos_embed",
-    "mae_videomae_base_patch16",
-    "mae_videomae_small_patch16",
-    "mae_videomae_tiny_patch16",
-    "mae_vit_base_patch16",
-    "mae_vit_giant_patch14",
-    "mae_vit_gigantic_patch14",
-    "mae_vit_huge_patch14",
-    "mae_vit_large_patch16",
-    "mae_vit_small_patch16",
-    "mae_vit_tiny_patch16",
-]
+Rooms, each importing only from those listed before it: `models` (MAE, VideoMAE) and `data`
+(Pillow, GPU and shard loaders); `checkpoints` (files, sharded, HF and timm formats); `eval`
+(figures, reconstructions, anomaly maps); `train` (the engine, the pre-training, fine-tuning and
+probing commands, distributed runs, FSDP2, preemption, logging, ablations); `cli`, the `mae`
+command, on top."""
+from .models import *  # noqa: F403 (the public model API, listed there)
+from .models import __all__  # noqa: F401

@@ -8,7 +8,7 @@ line naming the flag or key. Exit codes: 2 for a value wrong by itself (argparse
 its own errors, our `type=` checks, --config flag values), 1 for what the model or command
 refuses (an MAE config key, a --mask-ratio that keeps no patch of the model) or a run that
 fails (missing data, an unreadable checkpoint, a non-finite loss). A training run stopped by
-SIGTERM or SIGUSR1 saves its step and exits 0, by SIGINT 130 (`mae.preemption`)."""
+SIGTERM or SIGUSR1 saves its step and exits 0, by SIGINT 130 (`mae.train.preemption`)."""
 from __future__ import annotations
 
 import argparse
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TRUST_FLAG, CheckpointError
-from .models import DEFAULT_CONFIG, MASK_TYPES
+from .checkpoints.files import TRUST_FLAG, CheckpointError
+from .models.image import DEFAULT_CONFIG, MASK_TYPES
 
 
 class UsageError(SystemExit):
@@ -188,6 +188,13 @@ def _training(parser, batch_size: int, blr, weight_decay: float, min_lr: float):
     _flag(parser, "warmup-epochs", type=non_negative_float, default=None)
     _flag(parser, "amp", choices=["bf16", "fp16", "none"], default="none")
     _flag(parser, "compile", action="store_true")
+    _run(parser)
+    _flag(parser, "num-workers", type=non_negative_int, default=2)
+    _flag(parser, "dataset-size", type=positive_int, default=None, help="built-in data set size")
+
+
+def _run(parser):
+    """Where a training run writes, how it resumes, stops and logs."""
     _flag(parser, "output-dir", type=output_dir, default="./output_dir")
     _flag(parser, "resume", default="", help="a checkpoint, or 'auto' for the run's newest")
     _flag(parser, "requeue", action="store_true",
@@ -203,8 +210,6 @@ def _training(parser, batch_size: int, blr, weight_decay: float, min_lr: float):
     _flag(parser, "wandb", default=None, metavar="PROJECT",
           help="also log to this Weights & Biases project (offline without an API key; "
                "needs wandb)")
-    _flag(parser, "num-workers", type=non_negative_int, default=2)
-    _flag(parser, "dataset-size", type=positive_int, default=None, help="built-in data set size")
 
 
 def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser:
@@ -335,8 +340,13 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
                        help="classify from the cls token (the default)")
     _flag(probe, "nb-classes", type=positive_int, default=None, help="default: the data set's")
     _flag(probe, "num-workers", type=non_negative_int, default=2)
+    _flag(probe, "amp", choices=["bf16", "fp16", "none"], default="none",
+          help="autocast of the encoder and head (official recipe)")
+    _run(probe)  # the official recipe; the demo runs in a minute and writes nothing
+    _flag(probe, "eval", action="store_true", help="evaluate --resume's probe only")
     _flag(probe, "dist-eval", action="store_true",
-          help="accepted for main_linprobe.py command lines (linprobe runs in one process)")
+          help="accepted for main_linprobe.py command lines: evaluation is always split "
+               "across the processes")
     _flag(probe, "random-init", action="store_true",
           help="probe a randomly initialised encoder of the same shape (a baseline)")
     _augmentation(probe)  # main_linprobe.py's crop and flip (not the demo: no augmentation)
@@ -344,6 +354,7 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
           help="YAML or JSON file of flags; flags on the command line override it")
     _flag(probe, "train-size", type=positive_int, default=None)
     _flag(probe, "val-size", type=positive_int, default=None)
+    probe.set_defaults(clip_grad=None, compile=False)
 
     vis = sub.add_parser("visualize", help="reconstruction figure for one image")
     _flag(vis, "checkpoint", required=True)
@@ -494,8 +505,8 @@ def check_mask_ratio(args) -> None:
     keys are valid and --mask-ratio masks at least one token and keeps one (ValueError)."""
     from mae_kernels.masking import keep_count, tube_keep_count
 
-    from .models import is_video
-    from .pretrain import apply_defaults
+    from .models.image import is_video
+    from .train.pretrain import apply_defaults
 
     resolved = copy.copy(args)
     apply_defaults(resolved)
@@ -521,20 +532,20 @@ def validate(args) -> None:
     """The checks that need more than one flag, before anything runs; fills in --threads."""
     if hasattr(args, "threads") and args.threads is None:
         args.threads = default_threads(getattr(args, "num_workers", 0))
-    from .tracking import missing_package
+    from .train.tracking import missing_package
 
     if missing_package(args):
         raise UsageError(missing_package(args))
     video = getattr(args, "video", False)
     if hasattr(args, "data_loader") and args.data_loader is None:
-        from .gpu_data import default_loader
+        from .data.gpu import default_loader
 
         args.data_loader = default_loader(args.device, video)
     elif getattr(args, "data_loader", None) == "gpu" and video:
         raise UsageError("--data-loader gpu is for images: --video clips are decoded in the "
                          "DataLoader workers (use --data-loader pil)")
     elif getattr(args, "data_loader", None) == "gpu":
-        from .gpu_data import pillow_fallback_warning
+        from .data.gpu import pillow_fallback_warning
 
         if warning := pillow_fallback_warning(args.device):
             print(warning, file=sys.stderr)
@@ -542,7 +553,7 @@ def validate(args) -> None:
         if args.online_probe and args.video:
             raise ValueError("--online-probe probes image MAEs; --video clips have no labels")
         check_mask_ratio(args)
-        from .fsdp import check_args
+        from .train.fsdp import check_args
 
         check_args(args)
     for name in ("scale", "ratio"):  # LOW HIGH ranges of the crop
@@ -590,8 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from .engine import NonFiniteLossError
-    from .preemption import Interrupted, Preempted, StopSignals, requeue
+    from .train.engine import NonFiniteLossError
+    from .train.preemption import Interrupted, Preempted, StopSignals, requeue
 
     finished = False  # every rank ended the same work: they part in step (distributed.shutdown)
     try:
@@ -599,27 +610,28 @@ def main(argv=None) -> int:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         if args.command == "pretrain":
-            from .pretrain import pretrain
+            from .train.pretrain import pretrain
 
             with StopSignals():
                 pretrain(args)
         elif args.command == "finetune":
-            from .finetune import finetune
+            from .train.finetune import finetune
 
             with StopSignals():
                 finetune(args)
         elif args.command == "linprobe":
-            from .linprobe import linprobe
+            from .train.linprobe import linprobe
 
-            linprobe(args)
+            with StopSignals():
+                linprobe(args)
         elif args.command == "visualize":
-            from .visualize import visualize
+            from .eval.visualize import visualize
 
             visualize(args)
         elif args.command == "export":
-            from .checkpoint import export_safetensors, load_checkpoint
-            from .interop import export_hf, export_timm
-            from .pretrain import check_saved_args
+            from .checkpoints.files import export_safetensors, load_checkpoint
+            from .checkpoints.interop import export_hf, export_timm
+            from .checkpoints.pretrained import check_saved_args
 
             state = load_checkpoint(args.checkpoint, trust=args.unsafe_trust_checkpoint)
             check_saved_args(state, args.checkpoint)
@@ -634,21 +646,21 @@ def main(argv=None) -> int:
             else:
                 print(f"wrote {export_safetensors(state, args.output)}")
         elif args.command == "shards":
-            from .shards import write_shards
+            from .data.shards import write_shards
 
             for split, pattern in write_shards(args.source, args.out, args.shard_size,
                                                args.seed).items():
                 print(f"{split}: --data-path '{pattern}'")
         elif args.command == "anomaly":
-            from .anomaly import anomaly
+            from .eval.anomaly import anomaly
 
             anomaly(args)
         elif args.command == "plot":
-            from .figures import save_curves
+            from .eval.figures import save_curves
 
             print(f"wrote {save_curves(args.run_dir, args.output)}")
         else:
-            from .ablate import ablate
+            from .train.ablate import ablate
 
             ablate(args, parse_args)
         finished = True
@@ -656,7 +668,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Preempted as stopped:  # saved; the stop line and the exit code say so
-        from . import distributed
+        from .train import distributed
 
         finished = True
         if distributed.is_main():
@@ -673,7 +685,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        from . import distributed, tracking
+        from .train import distributed, tracking
 
         tracking.close_all()
         distributed.shutdown(synchronize=finished)

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_run_in_the_working_directory():
+    """A training command left at its default --output-dir (./output_dir) writes into the
+    checkout; a test that did gives its run a folder of its own."""
+    default = Path("output_dir")
+    existed = default.exists()
+    yield
+    assert existed or not default.exists(), "this test wrote a run into ./output_dir"
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)

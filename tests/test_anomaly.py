@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from mae import MAE
-from mae.anomaly import DEFECTS, add_defect, anomaly_maps
 from mae.cli import main
+from mae.eval.anomaly import DEFECTS, add_defect, anomaly_maps
 
 SMALL = {"img_size": 32, "patch_size": 8, "encoder_dim": 32, "encoder_layers": 1,
          "decoder_dim": 32, "decoder_layers": 1, "norm_pix_loss": True}

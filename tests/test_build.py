@@ -63,7 +63,7 @@ def test_checkout_builds_from_top_level_csrc():
 def test_readme_describes_the_demo_as_its_defaults():
     """Each `SxS images, PxP patches` and `N patches of PxP pixels` in the README is the image
     demo's input and patch size."""
-    from mae.pretrain import DEMO_DEFAULTS
+    from mae.train.pretrain import DEMO_DEFAULTS
 
     readme = (ROOT / "README.md").read_text()
     size, patch = DEMO_DEFAULTS["input_size"], DEMO_DEFAULTS["patch_size"]

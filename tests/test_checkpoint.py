@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 from mae import MAE
-from mae import checkpoint as ckpt
-from mae import pretrain as pretrain_module
+from mae.checkpoints import files as ckpt
 from mae.cli import main
-from mae.engine import check_resumable, start_run
-from mae.video import VideoMAE
+from mae.models.video import VideoMAE
+from mae.train import pretrain as pretrain_module
+from mae.train.engine import check_resumable, start_run
 
 from .test_training import TINY
 

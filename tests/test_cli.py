@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from mae import MAE, MODEL_CONFIGS, MaskedAutoencoderViT
-from mae import checkpoint as ckpt
+from mae.checkpoints import files as ckpt
+from mae.checkpoints.pretrained import model_from_checkpoint
 from mae.cli import main, parse_args
-from mae.pretrain import apply_defaults, model_from_checkpoint
+from mae.train.pretrain import apply_defaults
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--input-size", "16", "--patch-size", "4",
         "--batch-size", "8", "--dataset-size", "16", "--num-workers", "0", "--blr", "1e-3",
@@ -78,7 +79,7 @@ def test_linprobe_without_a_val_split_is_an_error_naming_it(tmp_path, capsys):
 def test_finetune_without_timm_is_a_clear_error_naming_the_extra(monkeypatch):
     import builtins
 
-    from mae.finetune import require_timm
+    from mae.train.finetune import require_timm
 
     real_import = builtins.__import__
 

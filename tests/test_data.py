@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from mae.cli import main
-from mae.data import (
+from mae.data.images import (
     SHAPE_CLASSES,
     ImageFolderDataset,
     ShapesDataset,

@@ -1,6 +1,6 @@
 """How an op finds its implementation: the dispatcher by device, the one testing switch
 (MAE_KERNELS_BACKEND), the extension's loading (ABI check, build on import, fallback), and an
-import graph without cycles."""
+import graph without cycles whose rooms import only downward."""
 import ast
 import os
 import shutil
@@ -156,17 +156,22 @@ def _imports(path: Path, package: str) -> set[str]:
     return found
 
 
-def test_no_import_cycles():
+def _import_graph() -> dict[str, set[str]]:
+    """Each module of the two packages (a package by its name) to those of them it imports."""
     modules = {}
     for package in ("mae_kernels", "mae"):
         for path in (ROOT / package).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             modules[name] = path
-    graph = {name: {m for m in _imports(path, name) if m in modules and m != name}
-             for name, path in modules.items()}
+    return {name: {m for m in _imports(path, name) if m in modules and m != name}
+            for name, path in modules.items()}
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
     # a package's __init__ re-exports its modules; an edge into it is an edge to those
-    packages = {n for n, p in modules.items() if p.name == "__init__.py"}
+    packages = {n for n in graph if any(m.startswith(n + ".") for m in graph)}
     state, cycles = {}, []
 
     def visit(node, stack):
@@ -186,10 +191,44 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
+# mae's rooms, lowest first (DESIGN.md): a module imports from its own room and those below
+# (models and data side by side, neither importing the other), mae_kernels from anywhere
+ROOMS = {"mae.models": 0, "mae.data": 0, "mae.checkpoints": 1, "mae.eval": 2, "mae.train": 3,
+         "mae.cli": 4}
+
+
+def _room(module: str) -> str | None:
+    return next((room for room in ROOMS if module == room or module.startswith(room + ".")),
+                None)
+
+
+def test_every_mae_module_sits_in_a_room():
+    graph = _import_graph()
+    assert {m for m in graph if m.startswith("mae.") and _room(m) is None} == set()
+    assert ROOMS.keys() <= graph.keys()
+
+
+def test_mae_rooms_import_only_downward():
+    upward = []
+    for module, imported in _import_graph().items():
+        room = _room(module)
+        if room is None:  # mae_kernels, and mae's own __init__ (the models' names)
+            continue
+        for target in imported:
+            # `import mae` or `from mae import X` is an import of the models the package exports
+            target_room = "mae.models" if target == "mae" else _room(target)
+            if target_room is None or target_room == room:
+                continue
+            if ROOMS[target_room] >= ROOMS[room]:
+                upward.append(f"{module} -> {target}")
+    assert not upward, upward
+    assert _import_graph()["mae"] <= {"mae.models"}  # the front door re-exports the models
+
+
 @pytest.mark.parametrize("module", ["mae_kernels.masking", "mae_kernels.unshuffling",
                                     "mae_kernels.loss", "mae_kernels.patches",
                                     "mae_kernels.tokens", "mae_kernels.integrations",
-                                    "mae.models", "mae.pretrain"])
+                                    "mae.models.image", "mae.train.pretrain"])
 def test_each_module_imports_alone(module):
     result = _python(f"import {module}")
     assert result.returncode == 0, result.stderr

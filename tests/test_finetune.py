@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from mae import MAE
-from mae import checkpoint as ckpt
+from mae.checkpoints import files as ckpt
 from mae.cli import main, parse_args
 
 pytest.importorskip("timm", reason="the [finetune] extra (timm, torchvision) is not installed")
 
-from mae import finetune as finetune_module  # noqa: E402
+from mae.train import finetune as finetune_module  # noqa: E402
 
 FAST = ["--input-size", "16", "--patch-size", "4", "--batch-size", "8", "--dataset-size", "32",
         "--val-size", "16", "--num-workers", "0", "--warmup-epochs", "1", "--quiet",
@@ -76,7 +76,7 @@ def test_layer_decay_is_keyed_on_the_architecture_not_the_flag():
 def test_layer_wise_lr_decay_groups():
     from timm.optim import param_groups_layer_decay
 
-    from mae.optim import set_lr
+    from mae.train.optim import set_lr
 
     config = finetune_module.vit_config("vit_tiny_patch16", img_size=16, patch_size=4,
                                         encoder_layers=3)
@@ -110,7 +110,7 @@ def test_loads_an_official_checkpoint_at_another_input_size(tmp_path):
                                          "head.weight"]
     assert torch.equal(model.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
     assert model.pos_embed.shape == (1, 1 + 36, 192)
-    assert torch.equal(model.pos_embed[0, 0], mae.pos_embed[0, 0])
+    assert torch.equal(model.pos_embed[0, 0], mae.models.pos_embed[0, 0])
 
 
 def test_a_malicious_checkpoint_runs_no_code(tmp_path, capsys):
@@ -131,10 +131,10 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     assert main([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
     real_epoch = finetune_module.train_one_epoch
 
-    def killed_in_epoch_two(*args):
+    def killed_in_epoch_two(*args, **kwargs):
         if args[5] == 2:
             raise KeyboardInterrupt
-        return real_epoch(*args)
+        return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(finetune_module, "train_one_epoch", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
@@ -177,8 +177,8 @@ def test_finetuning_beats_linear_probing_and_training_from_scratch(tmp_path):
     Measured: fine-tuned 60.6, probe 41.3, from scratch 26.5. Fine-tuning needs this many steps: at
     10 epochs of 1024 it was still below the probe (28.2 vs 36.8), at 12 of 2048 it is far
     above."""
-    from mae.finetune import finetune
-    from mae.linprobe import linprobe
+    from mae.train.finetune import finetune
+    from mae.train.linprobe import linprobe
 
     config = tmp_path / "small.yaml"
     config.write_text("encoder_dim: 128\nencoder_layers: 4\ndecoder_dim: 64\n"

@@ -1,4 +1,4 @@
-"""FSDP2, activation checkpointing, sharded checkpoints and the giant models (mae.fsdp).
+"""FSDP2, activation checkpointing, sharded checkpoints and the giant models (mae.train.fsdp).
 
 The two-process runs go through torchrun on gloo with an explicit CPU device mesh; this file is
 also the worker script of one of them (`torchrun tests/test_fsdp.py OUT`)."""
@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae import MAE, distributed, fsdp
-from mae.checkpoint import CheckpointError, load_checkpoint
+from mae import MAE
+from mae.checkpoints import sharded
+from mae.checkpoints.files import CheckpointError, load_checkpoint
 from mae.cli import main
-from mae.models import MODEL_CONFIGS, resolve_config
-from mae.optim import build_optimizer
-from mae.video import VideoMAE
+from mae.models.image import MODEL_CONFIGS, resolve_config
+from mae.models.video import VideoMAE
+from mae.train import distributed, fsdp
+from mae.train.optim import build_optimizer
 
 # wide enough that the linear layers, which FSDP2 splits evenly, hold most of the bytes
 CONFIG = {"img_size": 16, "patch_size": 4, "encoder_dim": 64, "encoder_layers": 2,
@@ -93,7 +95,7 @@ def test_memory_estimate_counts_sixteen_bytes_per_trainable_parameter():
 
 @pytest.mark.parametrize("video", [False, True])
 def test_activation_checkpointing_gives_the_same_gradients_bitwise(video, monkeypatch):
-    import mae.models
+    import mae.models.image
 
     config = {"img_size": 16, "patch_size": 4, "encoder_dim": 32, "encoder_layers": 2,
               "decoder_dim": 32, "decoder_layers": 2}
@@ -112,8 +114,8 @@ def test_activation_checkpointing_gives_the_same_gradients_bitwise(video, monkey
 
     plain = gradients()
     calls = []
-    real = mae.models.checkpoint
-    monkeypatch.setattr(mae.models, "checkpoint",
+    real = mae.models.image.checkpoint
+    monkeypatch.setattr(mae.models.image, "checkpoint",
                         lambda *a, **kw: calls.append(kw["use_reentrant"]) or real(*a, **kw))
     assert fsdp.set_grad_checkpointing(model) == 4
     checkpointed = gradients()
@@ -225,9 +227,9 @@ def worker(out: Path) -> None:
     optimizer = build_optimizer(model, LR, 0.05)
     losses = train(model, optimizer, range(STEPS), rank, world_size)
     nbytes = state_bytes(model, optimizer)
-    fsdp.load_sharded(model, optimizer, out / "one-process-step-10")
+    sharded.load_sharded(model, optimizer, out / "one-process-step-10")
     resumed = train(model, optimizer, range(HALF, STEPS), rank, world_size)
-    fsdp.save_sharded(model, optimizer, {"epoch": 0, "step": STEPS}, out / "two-processes")
+    sharded.save_sharded(model, optimizer, {"epoch": 0, "step": STEPS}, out / "two-processes")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if rank == 0:
         torch.save(full, out / "two-processes-full.pt")
@@ -241,8 +243,8 @@ def worker(out: Path) -> None:
 def test_fsdp_on_two_processes_matches_one_process_and_reshards_checkpoints(tmp_path):
     model, optimizer = fresh()
     first = train(model, optimizer, range(HALF))
-    fsdp.save_sharded(model, optimizer, {"epoch": 0, "step": HALF},
-                      tmp_path / "one-process-step-10")
+    sharded.save_sharded(model, optimizer, {"epoch": 0, "step": HALF},
+                         tmp_path / "one-process-step-10")
     second = train(model, optimizer, range(HALF, STEPS))
     one_process = first + second
     nbytes = state_bytes(model, optimizer)
@@ -267,7 +269,7 @@ def test_fsdp_on_two_processes_matches_one_process_and_reshards_checkpoints(tmp_
     two = tmp_path / "two-processes"
     assert sorted(p.name for p in two.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     reloaded, reloaded_optimizer = fresh()
-    assert fsdp.load_sharded(reloaded, reloaded_optimizer, two)["step"] == STEPS
+    assert sharded.load_sharded(reloaded, reloaded_optimizer, two)["step"] == STEPS
     ended = torch.load(tmp_path / "two-processes-full.pt", weights_only=True)
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, ended[key]), key  # exactly what the two ranks held
@@ -285,7 +287,7 @@ def test_a_sharded_save_killed_mid_way_leaves_the_previous_one(tmp_path, monkeyp
     import torch.distributed.checkpoint as dcp
 
     model, optimizer = fresh()
-    path = fsdp.save_sharded(model, optimizer, {"epoch": 0, "step": 4}, tmp_path / "ckpt")
+    path = sharded.save_sharded(model, optimizer, {"epoch": 0, "step": 4}, tmp_path / "ckpt")
     real_save = dcp.save
 
     def killed(state, checkpoint_id, **kwargs):
@@ -294,12 +296,12 @@ def test_a_sharded_save_killed_mid_way_leaves_the_previous_one(tmp_path, monkeyp
 
     monkeypatch.setattr(dcp, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        fsdp.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, path)
-    assert fsdp.read_extras(path)["step"] == 4
+        sharded.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, path)
+    assert sharded.read_extras(path)["step"] == 4
     assert torch.equal(load_checkpoint(path)["model"]["cls_token"], model.cls_token.detach())
     monkeypatch.setattr(dcp, "save", real_save)
-    fsdp.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, path)  # clears the partial
-    assert fsdp.read_extras(path)["step"] == 8
+    sharded.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, path)  # clears the partial
+    assert sharded.read_extras(path)["step"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -307,8 +309,8 @@ def test_sharded_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
     import pickle
 
     model, optimizer = fresh()
-    path = fsdp.save_sharded(model, optimizer, {"epoch": 0, "step": 0}, tmp_path / "ckpt")
-    assert fsdp.read_extras(path)["step"] == 0
+    path = sharded.save_sharded(model, optimizer, {"epoch": 0, "step": 0}, tmp_path / "ckpt")
+    assert sharded.read_extras(path)["step"] == 0
     assert not (tmp_path / ".ckpt.partial").exists()
 
     class Payload:
@@ -365,7 +367,7 @@ def test_metadata_reaching_through_a_dcp_module_to_os_is_refused(tmp_path, monke
     import pickle
 
     model, optimizer = fresh()
-    path = fsdp.save_sharded(model, optimizer, {"epoch": 0, "step": 0}, tmp_path / "ckpt")
+    path = sharded.save_sharded(model, optimizer, {"epoch": 0, "step": 0}, tmp_path / "ckpt")
     calls = []
 
     def unicode(text: str) -> bytes:  # SHORT_BINUNICODE
@@ -379,7 +381,7 @@ def test_metadata_reaching_through_a_dcp_module_to_os_is_refused(tmp_path, monke
         (path / ".metadata").write_bytes(crafted)
         with pytest.raises(CheckpointError, match=f"{path}: its .metadata is not DCP metadata"
                                                   f" .*os.{name}"):
-            fsdp.read_extras(path)
+            sharded.read_extras(path)
         assert calls == []
         pickle.loads(crafted)  # what a plain unpickler does with it
         assert calls == [name]
@@ -407,14 +409,14 @@ def test_a_shard_whose_bytes_entry_would_run_code_is_refused(tmp_path, monkeypat
 
     model, optimizer = fresh()
     monkeypatch.setattr(dcp_state_dict, "get_state_dict", tampered)
-    path = fsdp.save_sharded(model, optimizer, {"epoch": 0, "step": 0}, tmp_path / "ckpt")
+    path = sharded.save_sharded(model, optimizer, {"epoch": 0, "step": 0}, tmp_path / "ckpt")
     monkeypatch.setattr(dcp_state_dict, "get_state_dict", real)
     for group in (False, True):  # DCP without a process group, and as --fsdp has one
         if group:
             fsdp.ensure_process_group(torch.device("cpu"))
         try:
             with pytest.raises(CheckpointError) as caught:
-                fsdp.load_sharded(*fresh(), path)
+                sharded.load_sharded(*fresh(), path)
         finally:
             if group:
                 dist.destroy_process_group()
@@ -423,7 +425,7 @@ def test_a_shard_whose_bytes_entry_would_run_code_is_refused(tmp_path, monkeypat
                                   f".0.lr holds more than tensors and plain values")
         assert "system" in message and message.endswith("--unsafe-trust-checkpoint.")
         assert "\n" not in message and not marker.exists()
-    fsdp.load_sharded(*fresh(), path, trust=True)  # --unsafe-trust-checkpoint: DCP's planner
+    sharded.load_sharded(*fresh(), path, trust=True)  # --unsafe-trust-checkpoint: DCP's planner
     assert marker.exists()
 
 
@@ -431,11 +433,11 @@ def test_a_save_killed_between_its_renames_keeps_the_previous_checkpoint(tmp_pat
                                                                          monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    from mae.checkpoint import checkpoints_newest_first
+    from mae.checkpoints.files import checkpoints_newest_first
 
     model, optimizer = fresh()
-    last = fsdp.save_sharded(model, optimizer, {"epoch": 0, "step": 4},
-                             tmp_path / "checkpoint-last")
+    last = sharded.save_sharded(model, optimizer, {"epoch": 0, "step": 4},
+                                tmp_path / "checkpoint-last")
     real_replace, real_save = os.replace, dcp.save
 
     def killed_after_stepping_aside(source, target):
@@ -446,21 +448,21 @@ def test_a_save_killed_between_its_renames_keeps_the_previous_checkpoint(tmp_pat
     def crash_between_the_renames():
         monkeypatch.setattr(os, "replace", killed_after_stepping_aside)
         with pytest.raises(KeyboardInterrupt):
-            fsdp.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, last)
+            sharded.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, last)
         monkeypatch.setattr(os, "replace", real_replace)
         assert not last.exists() and (tmp_path / ".checkpoint-last.old").is_dir()
 
     crash_between_the_renames()
     assert checkpoints_newest_first(tmp_path) == [last]  # --resume auto finds it
-    assert fsdp.read_extras(last)["step"] == 4
+    assert sharded.read_extras(last)["step"] == 4
     crash_between_the_renames()
     monkeypatch.setattr(dcp, "save", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # killed again while writing: it is back in place
-        fsdp.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, last)
-    assert fsdp.read_extras(last)["step"] == 4
+        sharded.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, last)
+    assert sharded.read_extras(last)["step"] == 4
     monkeypatch.setattr(dcp, "save", real_save)
-    fsdp.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, last)
-    assert fsdp.read_extras(last)["step"] == 8
+    sharded.save_sharded(model, optimizer, {"epoch": 1, "step": 8}, last)
+    assert sharded.read_extras(last)["step"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last"]
 
 
@@ -472,7 +474,7 @@ def test_torchrun_fsdp_pretrain_resumes_elsewhere_and_exports(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from mae.pretrain import model_from_checkpoint
+    from mae.checkpoints.pretrained import model_from_checkpoint
 
     out = tmp_path / "run"
     cmd = [*TORCHRUN, "-m", "mae.cli", "pretrain", *TINY, "--fsdp", "--grad-checkpointing",
@@ -491,7 +493,7 @@ def test_torchrun_fsdp_pretrain_resumes_elsewhere_and_exports(tmp_path, capsys):
     assert main(["pretrain", *TINY, "--fsdp", "--epochs", "3", "--resume", "auto",
                  "--output-dir", str(out)]) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert fsdp.read_extras(out / "checkpoint-2")["step"] == 12  # 4 steps per epoch on one
+    assert sharded.read_extras(out / "checkpoint-2")["step"] == 12  # 4 steps per epoch on one
     # and without --fsdp: the plain model continues the sharded run, saving .pth files
     plain = tmp_path / "plain"
     assert main(["pretrain", *TINY, "--epochs", "3", "--resume", str(out / "checkpoint-1"),
@@ -503,9 +505,9 @@ def test_torchrun_fsdp_pretrain_resumes_elsewhere_and_exports(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(out / "checkpoint-1"), "-o",
                  str(exported)]) == 0
     model, saved = model_from_checkpoint(exported)  # strict: every weight, no other
-    sharded = load_checkpoint(out / "checkpoint-1")
+    consolidated = load_checkpoint(out / "checkpoint-1")
     for key, value in model.state_dict().items():
-        assert torch.equal(value, sharded["model"][key]), key
+        assert torch.equal(value, consolidated["model"][key]), key
         assert torch.equal(value, direct.state_dict()[key]), key
     assert saved["fsdp"] and saved["grad_checkpointing"]
     photo = tmp_path / "photo.png"

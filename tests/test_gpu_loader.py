@@ -1,4 +1,4 @@
-"""`--data-loader gpu` (mae/gpu_data.py): bytes-only workers, the main process's decode + boxes
+"""`--data-loader gpu` (mae/data/gpu.py): bytes-only workers, the main process's decode + boxes
 + one fused crop, on the CPU here (the CPU decoders and the op's CPU kernel)."""
 from __future__ import annotations
 
@@ -11,15 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from mae import gpu_data
 from mae.cli import main
-from mae.data import ImageFolderDataset, ShapesDataset, center_resize, read_rgb, to_tensor
-from mae.gpu_data import (
+from mae.data import gpu as gpu_data
+from mae.data.gpu import (
     EncodedDataset,
     GpuBatches,
     center_crop_boxes,
     collate_encoded,
     decode_resized_crop,
+)
+from mae.data.images import (
+    ImageFolderDataset,
+    ShapesDataset,
+    center_resize,
+    read_rgb,
+    to_tensor,
 )
 from mae_kernels import resized_crop
 
@@ -306,7 +312,7 @@ TINY = ["--model", "mae_vit_tiny_patch16", "--input-size", "16", "--patch-size",
 @pytest.mark.slow
 def test_pretrain_on_a_folder_through_the_gpu_loader_trains_and_counts_bad_files(tmp_path):
     from mae.cli import parse_args
-    from mae.pretrain import pretrain
+    from mae.train.pretrain import pretrain
 
     paths = write_folder(tmp_path / "data", sizes=[(40 + 3 * i, 56 - 2 * i) for i in range(9)],
                          kinds=("png", "jpeg"))
@@ -368,7 +374,7 @@ def test_finetune_evaluates_through_the_gpu_loader_as_through_pillow(tmp_path, m
     it needs timm, so it runs in the row that has it (the slow tests' row has not)."""
     pytest.importorskip("timm", reason="the [finetune] extra (timm, torchvision) is not installed")
     from mae.cli import parse_args
-    from mae.finetune import finetune
+    from mae.train.finetune import finetune
 
     fast = ["--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4",
             "--batch-size", "8", "--dataset-size", "32", "--val-size", "24", "--num-workers",

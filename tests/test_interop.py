@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mae import MAE
-from mae.checkpoint import load_checkpoint
+from mae.checkpoints.files import load_checkpoint
+from mae.checkpoints.interop import config_from_hf, from_hf, hf_config, to_hf
 from mae.cli import main
-from mae.interop import config_from_hf, from_hf, hf_config, to_hf
 
 from .test_checkpoint import one_error_line, photo
 from .test_training import TINY
@@ -183,7 +183,7 @@ def test_timm_export_loads_strictly_into_timms_vit_and_matches_our_encoder(tmp_p
 
 def test_finetuning_starts_from_an_hf_directory(trained, tmp_path):
     pytest.importorskip("timm")
-    from mae.finetune import build_vit, encoder_of, load_pretrained
+    from mae.train.finetune import build_vit, encoder_of, load_pretrained
 
     model, ck = trained
     hf = tmp_path / "hf"
@@ -204,8 +204,8 @@ WIDE = {**CONFIG, "encoder_mlp_dim": 50}
 @pytest.mark.parametrize("name, width", [("mae_vit_giant_patch14", 6144),
                                          ("mae_vit_gigantic_patch14", 8192)])
 def test_hf_config_and_timm_kwargs_of_the_giant_models_have_their_mlp_width(name, width):
-    from mae.interop import timm_model
-    from mae.models import config_of
+    from mae.checkpoints.interop import timm_model
+    from mae.models.image import config_of
 
     config = config_of(name)
     hf = hf_config(config)
@@ -241,7 +241,7 @@ def test_an_encoder_mlp_width_loads_strictly_into_timm(tmp_path, capsys):
     ck, out = saved(tmp_path / "ck.pth", model), tmp_path / "encoder.safetensors"
     assert main(["export", "--checkpoint", str(ck), "--format", "timm", "-o", str(out)]) == 0
     capsys.readouterr()
-    from mae.interop import timm_model
+    from mae.checkpoints.interop import timm_model
 
     name, kwargs = timm_model(model.config)
     vit = timm.create_model(name, **kwargs)

@@ -1,16 +1,25 @@
 """`mae linprobe`: main_linprobe.py's recipe for its flags (LARS, batch 512, the BatchNorm head,
-weak augmentation, the cls token), the demo's measured settings without them, the progress bar."""
+weak augmentation, the cls token) on the training engine (checkpoints, evaluation every epoch,
+a stop and its bit-for-bit resume, --eval, two processes), the demo's measured settings without
+them, the progress bar."""
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from mae import linprobe as linprobe_module
+from mae.checkpoints import files as ckpt
 from mae.cli import main, parse_args
-from mae.data import SHAPE_CLASSES, ShapesDataset
-from mae.optim import LARS
+from mae.data.images import SHAPE_CLASSES, ShapesDataset
+from mae.train import linprobe as linprobe_module
+from mae.train.optim import LARS
 
+REPO = str(Path(__file__).resolve().parents[1])  # the subprocesses import this checkout
 SMALL = "encoder_dim: 64\nencoder_layers: 2\ndecoder_dim: 32\ndecoder_layers: 1\n"
 
 
@@ -124,7 +133,8 @@ def test_the_flags_reach_the_probe_s_augmentation(encoder, tmp_path, monkeypatch
     linprobe_module.linprobe(parse_args([
         "linprobe", "--finetune", str(encoder), "--data-path", str(data), "--config",
         str(config), "--scale", "0.5", "1", "--hflip", "0", "--batch-size", "4", "--epochs", "1",
-        "--warmup-epochs", "0", "--num-workers", "0", "--quiet", "--device", "cpu"]))
+        "--warmup-epochs", "0", "--num-workers", "0", "--quiet", "--device", "cpu",
+        "--output-dir", str(tmp_path / "probe")]))
     assert made == [([0.5, 1.0], [0.8, 1.25], 0.0)]
 
 
@@ -146,7 +156,7 @@ def test_official_recipe_trains_with_lars_and_learns(encoder, tmp_path):
     result = linprobe_module.linprobe(parse_args([
         "linprobe", "--finetune", str(encoder), "--data-path", str(data), "--lr", "6.4",
         "--batch-size", "8", "--epochs", "40", "--warmup-epochs", "1", "--num-workers", "0",
-        "--quiet", "--device", "cpu"]))
+        "--quiet", "--device", "cpu", "--output-dir", str(tmp_path / "probe")]))
     assert result["recipe"] == "official" and result["optimizer"] == "LARS"
     assert result["num_classes"] == 2 and result["train_images"] == 120
     losses = result["epoch_losses"]
@@ -211,3 +221,110 @@ def test_lars_matches_timm_lars_set_up_as_mae_s():
             optimizer.step()
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def probe_run(encoder, data, out, *extra):
+    """The official recipe on a small image folder: 20 training images of 2 classes, batch 4
+    (5 steps an epoch), 3 epochs, evaluated on 10 after each."""
+    return ["linprobe", "--finetune", str(encoder), "--data-path", str(data), "--lr", "1.0",
+            "--batch-size", "4", "--epochs", "3", "--warmup-epochs", "1", "--num-workers", "0",
+            "--log-every", "2", "--quiet", "--device", "cpu", "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("data"), {"h-stripes", "v-stripes"},
+                        train=100, val=50)
+
+
+def epoch_records(out) -> list[dict]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == "epoch"]
+
+
+@pytest.mark.slow
+def test_official_recipe_checkpoints_each_epoch_and_resumes_a_stop_bit_for_bit(
+        encoder, two_classes, tmp_path, monkeypatch, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    result = linprobe_module.linprobe(parse_args(probe_run(encoder, two_classes, straight)))
+    # evaluated after every epoch, on every val image, as main_linprobe.py logs it
+    logged = epoch_records(straight)
+    assert [r["epoch"] for r in logged] == [0, 1, 2] == [r["epoch"] for r in result["epochs"]]
+    assert all(r["val_images"] == 10 and 0 <= r["val_top1"] <= 100 for r in logged)
+    assert result["top1"] == logged[-1]["val_top1"]
+    assert result["max_top1"] == max(r["val_top1"] for r in logged)
+    # the checkpoints hold the head and its optimizer, not the frozen encoder (--finetune's)
+    state = ckpt.load_checkpoint(straight / "checkpoint-2.pth")
+    assert sorted(state["model"]) == ["head.0.num_batches_tracked", "head.0.running_mean",
+                                      "head.0.running_var", "head.1.bias", "head.1.weight"]
+    assert state["args"]["command"] == "linprobe" and (straight / "recipe.json").exists()
+
+    monkeypatch.setenv("MAE_TEST_SIGNAL_AT_STEP", "6")  # epoch 1, after its second step
+    capsys.readouterr()
+    assert main(probe_run(encoder, two_classes, stopped)) == 0
+    last = stopped / "checkpoint-last.pth"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"stopped by SIGTERM at epoch 1 step 2; saved {last}; resume with --resume auto")
+    assert ckpt.load_checkpoint(last)["step"] == 7
+    monkeypatch.delenv("MAE_TEST_SIGNAL_AT_STEP")
+    assert main(probe_run(encoder, two_classes, stopped, "--resume", "auto")) == 0
+    a = ckpt.load_checkpoint(straight / "checkpoint-2.pth")
+    b = ckpt.load_checkpoint(stopped / "checkpoint-2.pth")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [(r["epoch"], r["loss"], r["val_top1"]) for r in epoch_records(stopped)] == \
+        [(r["epoch"], r["loss"], r["val_top1"]) for r in logged]
+
+    # --eval: the saved probe's accuracy, as the run measured it after its last epoch
+    stats = linprobe_module.linprobe(parse_args(probe_run(
+        encoder, two_classes, tmp_path / "eval", "--eval", "--resume",
+        str(straight / "checkpoint-2.pth"))))
+    assert stats["top1"] == logged[-1]["val_top1"] and stats["images"] == 10
+
+
+def test_resuming_what_is_not_a_probe_run_is_an_error(encoder, two_classes, tmp_path, capsys):
+    assert main(probe_run(encoder, two_classes, tmp_path / "run", "--resume",
+                          str(encoder))) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --resume {encoder} is not a `mae linprobe` run (it is a `mae "
+                   f"pretrain` one): the encoder to probe is --finetune"]
+
+
+def test_an_output_dir_holding_another_command_s_run_is_refused(encoder, two_classes, capsys):
+    """`mae pretrain` then `mae linprobe`, both at one --output-dir (the default ./output_dir):
+    the probe would overwrite the checkpoint-last.pth it reads."""
+    before = encoder.read_bytes()
+    assert main(probe_run(encoder, two_classes, encoder.parent)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output-dir {encoder.parent} holds a "
+                                               f"`mae pretrain` run"), err
+    assert encoder.read_bytes() == before
+
+
+@pytest.mark.parametrize("flag", [["--resume", "auto"], ["--output-dir", "somewhere"],
+                                  ["--eval"], ["--amp", "bf16"]])
+def test_a_run_flag_for_the_demo_is_an_error(encoder, flag, capsys):
+    assert main(["linprobe", "--checkpoint", str(encoder), *flag, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {flag[0]} is for the official recipe")
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_split_the_steps_and_the_evaluation(encoder, two_classes,
+                                                                         tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "mae.cli", *probe_run(encoder, two_classes, out, "--epochs", "2")],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu" in result.stdout
+    # 20 images, 2 processes x batch 4: 2 steps an epoch each (the last 4 dropped, as
+    # DistributedSampler + drop_last do); every one of the 10 val images scored once
+    state = ckpt.load_checkpoint(out / "checkpoint-1.pth")
+    assert (state["steps_per_epoch"], state["step"]) == (2, 4)
+    assert [r["val_images"] for r in epoch_records(out)] == [10, 10]

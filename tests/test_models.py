@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mae import MaskedAutoencoderViT, interpolate_pos_embed, mae_vit_tiny_patch16
-from mae import models as mae_models
+from mae.models import image as mae_models
 
 from .utils import assert_same_grads
 

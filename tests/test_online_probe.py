@@ -106,9 +106,9 @@ def test_plot_draws_a_runs_curves_and_a_folder_without_a_log_is_one_line(tmp_pat
 
 def test_the_probe_scores_a_seeded_subset_of_a_folders_val_split_with_the_run_s_workers(
         tmp_path, monkeypatch):
-    from mae import online_probe
     from mae.cli import parse_args
-    from mae.models import MAE
+    from mae.models.image import MAE
+    from mae.train import online_probe
 
     from .test_linprobe import image_folder
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae import checkpoint as ckpt
-from mae import distributed, preemption
+from mae.checkpoints import files as ckpt
 from mae.cli import main
-from mae.engine import JsonLog
+from mae.train import distributed, preemption
+from mae.train.engine import JsonLog
 
 SMALL = {"encoder_dim": 32, "encoder_layers": 1, "encoder_heads": 2, "decoder_dim": 32,
          "decoder_layers": 1, "decoder_heads": 2}
@@ -335,7 +335,7 @@ def test_sigterm_stops_finetune_mid_epoch_and_it_resumes_bit_for_bit(tmp_path, m
 
 
 def test_a_second_sigint_stops_at_once_without_saving(tmp_path, monkeypatch, capsys):
-    from mae import pretrain as pretrain_module
+    from mae.train import pretrain as pretrain_module
 
     def interrupted_twice(args):
         os.kill(os.getpid(), signal.SIGINT)  # recorded: the step would finish and save

@@ -1,14 +1,14 @@
-"""The recipe each training command runs, said out loud (mae/recipe.py): every value with where it
-came from (flag, config, demo, official, default, checkpoint, derived), printed once and written
-to the run's log; and the augmentation knobs behind it, validated like every flag."""
+"""The recipe each training command runs, said out loud (mae/train/recipe.py): every value with
+where it came from (flag, config, demo, official, default, checkpoint, derived), printed once and
+written to the run's log; and the augmentation knobs behind it, validated like every flag."""
 import json
 
 import pytest
 
-from mae import finetune as finetune_module
-from mae import linprobe as linprobe_module
 from mae.cli import main, parse_args
-from mae.recipe import finetune_recipe, linprobe_recipe, pretrain_recipe
+from mae.train import finetune as finetune_module
+from mae.train import linprobe as linprobe_module
+from mae.train.recipe import finetune_recipe, linprobe_recipe, pretrain_recipe
 
 from .test_cli import exit_code_and_errors as errors
 
@@ -18,7 +18,7 @@ def sources(recipe: dict) -> dict:
 
 
 def test_pretrain_sources_flag_config_demo_official_default(tmp_path):
-    from mae.pretrain import apply_defaults
+    from mae.train.pretrain import apply_defaults
 
     config = tmp_path / "run.yaml"
     config.write_text("decoder_layers: 2\nepochs: 3\n")

@@ -1,4 +1,4 @@
-"""WebDataset tar shards (mae/shards.py): `mae shards` writes them, `ShardDataset` reads them
+"""WebDataset tar shards (mae/data/shards.py): `mae shards` writes them, `ShardDataset` reads them
 split across ranks and workers, for both loaders."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from mae.cli import main
-from mae.gpu_data import EncodedItem
-from mae.shards import ShardDataset, open_dataset, shard_urls, write_shards
+from mae.data.gpu import EncodedItem
+from mae.data.shards import ShardDataset, open_dataset, shard_urls, write_shards
 
 from .test_gpu_loader import smooth_image
 
@@ -152,7 +152,7 @@ def test_bad_shard_input_names_it(shards, tmp_path, capsys):
 @pytest.mark.parametrize("loader", ["pil", "gpu"], ids=["pillow-workers", "bytes-workers"])
 def test_pretrain_and_linprobe_on_shards_train_end_to_end(shards, loader, capsys):
     from mae.cli import parse_args
-    from mae.pretrain import pretrain
+    from mae.train.pretrain import pretrain
 
     _, patterns, tmp_path = shards
     args = parse_args(["pretrain", "--model", "mae_vit_tiny_patch16", "--input-size", "16",
@@ -168,7 +168,7 @@ def test_pretrain_and_linprobe_on_shards_train_end_to_end(shards, loader, capsys
     checkpoint = tmp_path / loader / "checkpoint-last.pth"
     flags = ["linprobe", "--finetune", str(checkpoint), "--data-path", patterns["train"],
              "--data-loader", loader, "--epochs", "2", "--batch-size", "4", "--num-workers",
-             "0", "--quiet", "--device", "cpu"]
+             "0", "--quiet", "--device", "cpu", "--output-dir", str(tmp_path / f"probe-{loader}")]
     capsys.readouterr()
     if loader == "gpu":  # the official probe's crops are drawn on the device
         assert main(flags) == 0
@@ -184,9 +184,9 @@ def test_pretrain_and_linprobe_on_shards_train_end_to_end(shards, loader, capsys
 def test_gpu_loader_on_shards_resumes_bit_for_bit(shards, monkeypatch):
     """Shard order per (seed, epoch), boxes per (seed, epoch, rank, step): a run killed in
     epoch 1 and resumed ends with the weights of one that was not."""
-    from mae import checkpoint
-    from mae import pretrain as pretrain_module
+    from mae.checkpoints import files as checkpoint
     from mae.cli import parse_args
+    from mae.train import pretrain as pretrain_module
 
     _, patterns, tmp_path = shards
 
@@ -200,10 +200,10 @@ def test_gpu_loader_on_shards_resumes_bit_for_bit(shards, monkeypatch):
     run(tmp_path / "straight")
     real_epoch = pretrain_module.train_one_epoch
 
-    def killed_in_epoch_one(model, loader, optimizer, scaler, device, epoch, *rest):
+    def killed_in_epoch_one(model, loader, optimizer, scaler, device, epoch, *rest, **kwargs):
         if epoch == 1:
             raise KeyboardInterrupt
-        return real_epoch(model, loader, optimizer, scaler, device, epoch, *rest)
+        return real_epoch(model, loader, optimizer, scaler, device, epoch, *rest, **kwargs)
 
     monkeypatch.setattr(pretrain_module, "train_one_epoch", killed_in_epoch_one)
     with pytest.raises(KeyboardInterrupt):
@@ -220,7 +220,7 @@ def test_finetune_trains_on_shards_through_either_loader(shards):
     slow: it needs timm, so it runs in the row that has it (the slow tests' row has not)."""
     pytest.importorskip("timm", reason="the [finetune] extra (timm, torchvision) is not installed")
     from mae.cli import parse_args
-    from mae.finetune import finetune
+    from mae.train.finetune import finetune
 
     _, patterns, tmp_path = shards
     for loader in ("pil", "gpu"):

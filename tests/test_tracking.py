@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mae import tracking
 from mae.cli import main
+from mae.train import tracking
 
 from .test_checkpoint import one_error_line
 from .test_training import TINY

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 import mae
+from mae.checkpoints.pretrained import model_from_checkpoint
 from mae.cli import main
-from mae.data import denormalize
-from mae.pos_embed import sincos_2d, sincos_3d
-from mae.pretrain import model_from_checkpoint
-from mae.video import VideoMAE
-from mae.video_data import Clips, MovingShapesDataset, VideoFolderDataset, read_clip
+from mae.data.images import denormalize
+from mae.data.video import Clips, MovingShapesDataset, VideoFolderDataset, read_clip
+from mae.models.pos_embed import sincos_2d, sincos_3d
+from mae.models.video import VideoMAE
 
 SMALL = {"num_frames": 4, "img_size": 32, "patch_size": 8, "encoder_dim": 32,
          "encoder_layers": 1, "decoder_dim": 32, "decoder_layers": 1, "norm_pix_loss": True}

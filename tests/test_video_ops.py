@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import mae_kernels as mk
-from mae.data import IMAGENET_MEAN, IMAGENET_STD
-from mae.video import VideoMAE
+from mae.data.images import IMAGENET_MEAN, IMAGENET_STD
+from mae.models.video import VideoMAE
 from mae_kernels import reference as ref
 
 from .utils import DTYPES, IMPLEMENTATIONS, assert_close, running

@@ -78,7 +78,7 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with timm's parameter names."""
 
-    # set by mae.fsdp.set_grad_checkpointing; a class default, so it is no part of the weights
+    # set by mae.train.fsdp.set_grad_checkpointing; a class default, so it is no part of the weights
     grad_checkpointing = False
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_layer,
@@ -333,8 +333,8 @@ DEFAULT_CONFIG = {
 TARGETS = ("pixel", "hog")
 HOG_CELL, HOG_BINS = 8, 9  # mae_kernels.hog_targets' defaults: 8x8 cells, 9 orientations
 MASK_TYPES = ("random", "block", "grid")
-# A config with either key is a video model (mae.video.VideoMAE): VideoMAE's defaults, 16 frames
-# in tubelets of 2, tube masking at 90%.
+# A config with either key is a video model (.video.VideoMAE): VideoMAE's defaults, 16 frames in
+# tubelets of 2, tube masking at 90%.
 VIDEO_CONFIG = {"num_frames": 16, "tubelet_size": 2, "mask_ratio": 0.9, "mask_type": "tube"}
 
 
@@ -477,7 +477,7 @@ class MAE(MaskedAutoencoderViT):
     """The config-dict interface: `MAE({"img_size": 224, "patch_size": 16, ...})`, keys as in
     DEFAULT_CONFIG. `model(images)` returns `(loss, reconstructed, mask)` with `reconstructed`
     an image (B, C, H, W); with norm_pix_loss it is in per-patch normalised units, as the loss
-    sees it (mae.figures.reconstruct maps it back to pixels). Same parameters as the official
+    sees it (mae.eval.figures.reconstruct maps it back to pixels). Same parameters as the official
     model: the `mae` CLI trains this class, and either's checkpoints load into the other.
 
     `feature_target`: predict features instead of pixels (e.g. a frozen pre-trained network's,

@@ -123,16 +123,17 @@ def finetune_recipe(args, eff_batch: int, lr: float) -> dict:
                                 "in mixup's soft targets" if mixing else "on")}
 
 
-def linprobe_recipe(args, config: dict, size_source: str, optimizer: str, lr: float) -> dict:
+def linprobe_recipe(args, config: dict, size_source: str, optimizer: str, lr: float,
+                    eff_batch: int | None = None) -> dict:
     """`config`: the probed encoder's MAE config (saved in the checkpoint, or --model's at
-    main_linprobe.py's 224px: `size_source` says which)."""
+    main_linprobe.py's 224px: `size_source` says which); `eff_batch` by default one process's."""
     model = (_entry(args, "model") if args.model else
              {"value": f"{config['encoder_layers']} blocks x {config['encoder_dim']}",
               "source": "checkpoint"})
     img = config["img_size"]
     recipe = {**_common(args, model, {"value": img, "source": size_source},
                         {"value": config["patch_size"], "source": size_source},
-                        args.batch_size * args.accum_iter, lr),
+                        eff_batch or args.batch_size * args.accum_iter, lr),
               "optimizer": {"value": optimizer, "source": "demo" if args.demo else "official"},
               "global_pool": _entry(args, "global_pool"),
               "random_init": _entry(args, "random_init")}

@@ -4,7 +4,7 @@ Writing: to a temporary file in the same folder, flushed to disk, then renamed o
 so a kill mid-write leaves the previous checkpoint intact. Each run keeps the official cadence
 (`checkpoint-<epoch>.pth` every `--save-every` epochs and at the last) plus one rolling
 `checkpoint-last.pth`, rewritten every epoch, that `--resume auto` continues from. An `--fsdp`
-run writes the same names as sharded directories (`checkpoint-<epoch>/`, mae.fsdp), which
+run writes the same names as sharded directories (`checkpoint-<epoch>/`, .sharded), which
 `load_checkpoint` reads consolidated.
 
 Reading: `torch.load(weights_only=True)`, which unpickles tensors, plain containers and the
@@ -30,18 +30,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_format import (
+from .format import (
     LAST_CHECKPOINT,
     SHARDED_META,
     TRUST_FLAG,
     CheckpointError,
     atomic_save,
+    is_main,
     model_weights,
     weights_kind,  # noqa: F401 (the commands import it from here, with the rest)
     write_atomically,
 )
 
-# a file, or (no suffix) a sharded checkpoint's directory (mae.fsdp)
+# a file, or (no suffix) a sharded checkpoint's directory (mae.checkpoints.sharded)
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)(\.pth)?$")
 # what write_atomically's mkstemp leaves behind when the process is killed mid-save
 # (host and process in the name, so that a run deletes only what a dead writer left)
@@ -91,7 +92,7 @@ def checkpoints_newest_first(output_dir) -> list[Path]:
     `checkpoint-last.pth` (or sharded `checkpoint-last/`) saved mid-epoch by a stop signal comes
     after a numbered checkpoint of that epoch's end, one saved at an epoch's end before the
     numbered one of that epoch. Files whose position cannot be read keep their names' order."""
-    from .fsdp import restore_stepped_aside
+    from .sharded import restore_stepped_aside
 
     output_dir = Path(output_dir)
     for old in output_dir.glob(".checkpoint-*.old"):  # a sharded save killed between renames
@@ -157,10 +158,9 @@ def _check_format(path: Path) -> None:
 def load_checkpoint(path, map_location="cpu", trust: bool = False) -> dict:
     """The checkpoint's contents, read without running any code from it (see the module doc)."""
     state = _read_checkpoint(Path(path), map_location, trust)
-    from . import distributed
     from .interop import describe
 
-    if distributed.is_main():
+    if is_main():
         print(f"read {path}: {describe(state, path)}")
     return state
 
@@ -171,7 +171,7 @@ def _read_checkpoint(path: Path, map_location, trust: bool) -> dict:
     if is_hf_dir(path):
         return load_hf_dir(path)
     if path.is_dir():  # a sharded checkpoint (--fsdp): its model consolidated in memory
-        from .fsdp import consolidate
+        from .sharded import consolidate
 
         return consolidate(path)
     if not path.is_file():

@@ -32,9 +32,9 @@ from PIL import Image, ImageDraw
 
 from mae_kernels import reference
 
-from .data import build_dataset, center_resize, denormalize, to_tensor
-from .pretrain import model_from_checkpoint
-from .video import VideoMAE
+from ..checkpoints.pretrained import model_from_checkpoint
+from ..data.images import build_dataset, center_resize, denormalize, to_tensor
+from ..models.video import VideoMAE
 from .visualize import read_image
 
 DEFECTS = ("blob", "scratch", "missing")
@@ -218,7 +218,7 @@ def anomaly(args) -> dict:
 
 def score_folder(model, args, size, generator) -> dict:
     """One CSV row per readable image of --data-path (any layout the image commands read)."""
-    from .data import ImageFolderDataset
+    from ..data.images import ImageFolderDataset
 
     data = ImageFolderDataset(args.data_path, size, train=False, split="all")
     rows = []

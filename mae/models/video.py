@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 import mae_kernels
 from mae_kernels import reference
+from mae_kernels.augment import IMAGENET_MEAN, IMAGENET_STD
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .models import (
+from .image import (
     Block,
     Features,
     MaskedAutoencoderViT,
@@ -86,7 +86,7 @@ class VideoMAE(nn.Module):
         self.patch_size = config["patch_size"]
         self.tubelet_size = config["tubelet_size"]
         # VideoMAE's target un-normalises the clips, which the loaders normalise with ImageNet's
-        # mean and std (mae.data.to_tensor); other channel counts are taken as they are
+        # mean and std (mae.data.images.to_tensor); other channel counts are taken as they are
         rgb = self.in_chans == 3
         self.data_mean, self.data_std = (IMAGENET_MEAN, IMAGENET_STD) if rgb else (None, None)
         dim, decoder_dim = config["encoder_dim"], config["decoder_dim"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_format import CheckpointError, model_weights, weights_kind, write_atomically
+from .format import CheckpointError, model_weights, weights_kind, write_atomically
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 # our block's names -> the Hub ViTMAE layer's (qkv is split in three, see _block_pairs)
@@ -61,7 +61,7 @@ def _square(config: dict, what: str) -> int:
 
 
 def _image_model(config: dict, what: str) -> None:
-    from .models import is_video
+    from ..models.image import is_video
 
     if is_video(config):
         raise CheckpointError(f"{what} holds image MAEs; this checkpoint is a VideoMAE")
@@ -159,7 +159,7 @@ def from_hf(weights: dict, hf: dict) -> tuple[dict, dict]:
 
 def config_from_hf(hf: dict) -> dict:
     """Our resolved model config for a ViTMAE config.json."""
-    from .models import resolve_config
+    from ..models.image import resolve_config
 
     if not isinstance(hf, dict) or hf.get("model_type", "vit_mae") != "vit_mae":
         raise CheckpointError(f"config.json is not a ViTMAE's (model_type "
@@ -229,7 +229,7 @@ def load_hf_dir(path) -> dict:
 
 
 def _config_of_state(state: dict, path) -> dict:
-    from .models import model_config_of
+    from ..models.image import model_config_of
 
     saved = state.get("args")
     if weights_kind(state) == "fine-tuning":

@@ -6,32 +6,27 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights, weights_kind
+from ..data.gpu import GpuBatches
+from ..data.shards import open_dataset
+from ..data.video import build_video_dataset
+from ..eval.figures import save_curves, save_reconstruction_figure
+from ..models import build_model
+from ..models.image import MODEL_CONFIGS, resolve_config
+from ..models.video import VIDEO_MODEL_CONFIGS
 from .engine import (
-    NonFiniteLossError,
-    Preempted,
     enter_epoch,
     make_loader,
     resume_from,
     save_epoch,
-    save_stopped,
     seed_epoch,
     start_run,
     train_one_epoch,
     wrap_for_training,
 )
-from .figures import save_curves, save_reconstruction_figure
-from .gpu_data import GpuBatches
-from .models import MAE, MODEL_CONFIGS, is_video, model_config_of, resolve_config
 from .online_probe import start_probe
 from .optim import build_optimizer
 from .recipe import announce, pretrain_recipe
-from .shards import open_dataset
 from .tracking import closes_sinks
-from .video import VIDEO_MODEL_CONFIGS, VideoMAE
-from .video_data import build_video_dataset
-
-__all__ = ["NonFiniteLossError", "model_config_of", "model_from_checkpoint", "pretrain"]
 
 # Without --model, --data-path or model keys in --config, `mae pretrain` is the built-in demo
 # (minutes on a CPU); anything else gets the official model and recipe defaults
@@ -82,54 +77,6 @@ def apply_defaults(args) -> None:
     if args.decoder_depth is not None:  # 0 too: the official code's block-less decoder
         config["decoder_layers"] = args.decoder_depth
     args.model_config = resolve_config(config)
-
-
-def build_model(config: dict):
-    """The model a resolved config describes: VideoMAE for video configs, else MAE."""
-    return VideoMAE(config) if is_video(config) else MAE(config)
-
-
-def model_from_checkpoint(path, load_weights: bool = True, trust: bool = False):
-    """(model, saved arguments) of a `mae pretrain` checkpoint; random weights if told so."""
-    state = load_checkpoint(path, trust=trust)
-    return model_of_state(state, path, load_weights), state["args"]
-
-
-def check_saved_args(state: dict, path) -> None:
-    """A pre-training checkpoint that saves its arguments must hold the weights they describe
-    (official ones save none and pass as they are)."""
-    saved = state.get("args")
-    if weights_kind(state) == "pre-training" and isinstance(saved, dict) \
-            and (saved.get("model_config") or saved.get("model")):
-        model_of_state(state, path)
-
-
-def model_of_state(state: dict, path, load: bool = True):
-    """The model a loaded `mae pretrain` checkpoint's arguments describe, with its weights if
-    `load`; a checkpoint of anything else, or arguments that do not describe its weights, is a
-    CheckpointError saying what the file holds."""
-    if weights_kind(state) == "fine-tuning":
-        raise CheckpointError(f"checkpoint {path} holds fine-tuning weights (a classifier), not "
-                              f"a pre-trained MAE: pass a `mae pretrain` checkpoint")
-    saved = state.get("args")
-    if not isinstance(saved, dict) or not (saved.get("model_config") or saved.get("model")):
-        raise CheckpointError(f"checkpoint {path} does not say which model it holds (no saved "
-                              f"`mae pretrain` arguments); official MAE checkpoints are for "
-                              f"`mae finetune --finetune`")
-    try:
-        config = model_config_of(saved)
-    except KeyError as exc:
-        raise CheckpointError(f"checkpoint {path} names an unknown model {exc}; known: "
-                              f"{sorted(MODEL_CONFIGS)}") from exc
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: its saved model config is not valid "
-                              f"({exc})") from exc
-    model = build_model(config)
-    if load:
-        load_weights(model, state, f"checkpoint {path}",
-                     "the model its saved arguments describe (the file was altered, or its "
-                     "arguments come from another run)")
-    return model
 
 
 @closes_sinks
@@ -193,12 +140,9 @@ def pretrain(args) -> dict:
         dataset.set_epoch(epoch)  # for shards also the sampler: setting it again keeps a skip
         resumed = enter_epoch(sampler, epoch, start_at, args)
         start = time.perf_counter()
-        try:
-            loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device,
-                                            epoch, args, log, lr, loss_fn, resumed, prepare)
-        except Preempted as stopped:
-            save_stopped(args, model, optimizer, scaler, stopped)
-            raise
+        loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device,
+                                        epoch, args, log, lr, loss_fn, resumed, prepare,
+                                        saves=model)
         summary["skipped_images"] += skipped
         record = dict(kind="epoch", epoch=epoch, loss=loss, skipped_images=skipped,
                       seconds=time.perf_counter() - start)

@@ -18,6 +18,8 @@ import subprocess
 import torch
 import torch.distributed as dist
 
+from ..checkpoints.format import is_main  # noqa: F401 (rank 0 or no group; the commands ask here)
+
 MIN_PORT, MAX_PORT = 20000, 60000
 
 
@@ -145,10 +147,6 @@ def init(requested_device: str) -> tuple[int, int, torch.device]:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .models import MASK_TYPES, MODEL_CONFIGS  # noqa: E402
+from ..models.image import MASK_TYPES, MODEL_CONFIGS  # noqa: E402
 from .pretrain import DEMO_DEFAULTS  # noqa: E402
 
 BASE = {"mask_ratio": 0.75, "mask_type": "random",

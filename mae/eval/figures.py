@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from mae_kernels import reference  # noqa: E402
 
-from .data import denormalize, normalize  # noqa: E402
+from ..data.images import denormalize, normalize  # noqa: E402
 
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 

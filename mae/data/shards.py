@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .data import Augmented, ImageFolderDataset, build_dataset, collate_skipping, read_rgb
-from .gpu_data import EncodedDataset, collate_encoded, encoded_item
+from .gpu import EncodedDataset, collate_encoded, encoded_item
+from .images import Augmented, ImageFolderDataset, build_dataset, collate_skipping, read_rgb
 
 INDEX_SUFFIX = "-index.json"
 SPLITS = ("train", "val")

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import center_resize, to_rgb, to_tensor
+from ..checkpoints.pretrained import model_from_checkpoint
+from ..data.images import center_resize, to_rgb, to_tensor
+from ..data.video import VIDEO_SUFFIXES, read_clip
+from ..models.video import VideoMAE
 from .figures import save_reconstruction_figure
-from .pretrain import model_from_checkpoint
-from .video import VideoMAE
-from .video_data import VIDEO_SUFFIXES, read_clip
 
 
 def read_image(path, size) -> torch.Tensor:

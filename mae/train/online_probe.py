@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from ..data.images import build_dataset, collate_skipping
 from . import distributed
-from .data import build_dataset, collate_skipping
 
 OPTIMIZERS = ("adamw", "lars")
 VAL_SIZE = 1024  # val images scored each epoch without --probe-val-size
@@ -128,7 +128,7 @@ def start_probe(args, model, device, eff_batch: int):
     if getattr(args, "fsdp", False):
         raise ValueError("--online-probe evaluates the model on one process; it does not "
                          "run with --fsdp")
-    from .shards import shard_urls
+    from ..data.shards import shard_urls
 
     if args.data_path and shard_urls(args.data_path, "train", False) is not None:
         raise ValueError(f"--online-probe scores on an image folder's val/ split; --data-path "

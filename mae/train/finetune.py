@@ -16,28 +16,26 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_weights
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from ..checkpoints.files import CheckpointError, load_checkpoint, load_weights, model_weights
+from ..data.gpu import DecodedLoader, GpuBatches, loader_for_size
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+from ..data.shards import open_dataset
+from ..models.image import MODEL_CONFIGS, model_config_of, resolve_config
+from ..models.pos_embed import interpolate_pos_embed
 from .engine import (
     AMP_DTYPES,
-    Preempted,
     check_resumable,
     enter_epoch,
+    evaluate,
     make_loader,
     resume_from,
     save_epoch,
-    save_stopped,
     seed_epoch,
     start_run,
     train_one_epoch,
     wrap_for_training,
 )
-from .gpu_data import DecodedLoader, GpuBatches, loader_for_size
-from .models import MODEL_CONFIGS, resolve_config
-from .pos_embed import interpolate_pos_embed
-from .pretrain import model_config_of
 from .recipe import announce, fill, finetune_recipe
-from .shards import open_dataset
 from .tracking import closes_sinks
 
 # Without --data-path (the built-in data set) or --model the run is the demo: the README's
@@ -182,31 +180,6 @@ def train_transform(args):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype) -> dict:
-    """Top-1, top-5 (%) and cross-entropy over the loader, summed over every rank."""
-    from timm.utils import accuracy
-
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, images
-    for imgs, labels, _ in loader:
-        if imgs is None:
-            continue
-        imgs, labels = imgs.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(imgs)
-        k = min(5, logits.shape[1])
-        top1, topk = accuracy(logits.float(), labels, topk=(1, k))
-        n = imgs.shape[0]
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        totals += torch.stack([top1 * n / 100, topk * n / 100, loss * n,
-                               torch.tensor(float(n), device=device)]).double()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    n = max(totals[3].item(), 1.0)
-    return {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n,
-            "loss": totals[2].item() / n, "images": int(totals[3].item())}
-
-
 def apply_defaults(args, pretrained_config: dict | None) -> None:
     """Demo (no --data-path, no --model) or official defaults for unset flags; the
     architecture of our own pre-training checkpoints is read from them."""
@@ -328,12 +301,8 @@ def finetune(args) -> dict:
         seed_epoch(args.seed, epoch, rank)
         resumed = enter_epoch(sampler, epoch, start_at, args)
         start = time.perf_counter()
-        try:
-            loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device,
-                                            epoch, args, log, lr, loss_fn, resumed)
-        except Preempted as stopped:
-            save_stopped(args, model, optimizer, scaler, stopped)
-            raise
+        loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device,
+                                        epoch, args, log, lr, loss_fn, resumed, saves=model)
         stats = evaluate(model, val_loader, device, amp_dtype)
         record = dict(kind="epoch", epoch=epoch, loss=loss, skipped_images=skipped,
                       seconds=time.perf_counter() - start,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import (
+from .images import (
     IMAGE_SUFFIXES,
     Augmented,
     BuiltIn,

@@ -1,6 +1,6 @@
-"""What every checkpoint writer and reader shares (mae.checkpoint, the sharded checkpoints of
-mae.fsdp, the HF and timm files of mae.interop): the error, atomic writes, the rolling
-checkpoint's name, and which weights a loaded state holds."""
+"""What every checkpoint writer and reader shares (the files, the sharded checkpoints, the HF and
+timm formats): the error, atomic writes, the rolling checkpoint's name, which weights a loaded
+state holds, and which process speaks for the run."""
 from __future__ import annotations
 
 import errno
@@ -11,10 +11,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 LAST_CHECKPOINT = "checkpoint-last.pth"
 TRUST_FLAG = "--unsafe-trust-checkpoint"  # loads a pickle that could run code
 SHARDED_META = "meta.pth"  # a sharded checkpoint's epoch, step and arguments, beside its shards
+
+
+def is_main() -> bool:
+    """Rank 0 of the process group, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 class CheckpointError(ValueError):

@@ -13,13 +13,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import distributed, fsdp, preemption, tracking
-from .checkpoint import (
+from ..checkpoints import sharded
+from ..checkpoints.files import (
     LAST_CHECKPOINT,
     CheckpointError,
     atomic_save,
@@ -31,7 +32,8 @@ from .checkpoint import (
     weights_kind,
     write_atomically,
 )
-from .data import collate_skipping
+from ..data.images import collate_skipping
+from . import distributed, fsdp, preemption, tracking
 from .optim import lr_at, set_lr
 from .preemption import Preempted
 
@@ -53,7 +55,7 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 class JsonLog:
-    """log.jsonl, and each record also to `sinks` (mae.tracking: TensorBoard, W&B)."""
+    """log.jsonl, and each record also to `sinks` (mae.train.tracking: TensorBoard, W&B)."""
 
     def __init__(self, path: Path | None, sinks=()):
         self.path = path
@@ -86,10 +88,26 @@ class JsonLog:
         write_atomically(self.path, lambda f: f.write("".join(kept).encode()))
 
 
+def check_output_dir(args) -> None:
+    """--output-dir holding another command's run (its recipe.json says which) is refused: this
+    run's checkpoints and log would overwrite that one's (`mae linprobe` after `mae pretrain`,
+    both at the default ./output_dir, would replace the checkpoint-last.pth it probes)."""
+    recipe = Path(args.output_dir) / "recipe.json"
+    try:
+        command = json.loads(recipe.read_text()).get("command")
+    except (OSError, ValueError, AttributeError):  # no run there, or no recipe to tell
+        return
+    if command is not None and command != args.command:
+        raise ValueError(f"--output-dir {args.output_dir} holds a `mae {command}` run "
+                         f"({recipe}): `mae {args.command}` would overwrite its checkpoints "
+                         f"and log; give it a folder of its own")
+
+
 def start_run(args):
     """Joins the process group (torchrun), opens the log (rank 0 writes) and seeds torch;
     returns (rank, world_size, device, log). The output folder is made by the first write
     (log, checkpoint, figure), so a run that fails before training leaves no folder."""
+    check_output_dir(args)
     rank, world_size, device = distributed.init(args.device)
     args.world_size = world_size
     output_dir = Path(args.output_dir)
@@ -165,13 +183,14 @@ def wrap_for_training(model, args, world_size: int, device):
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, lr, loss_fn,
-                    resumed=None, prepare=None):
+                    resumed=None, prepare=None, *, saves):
     """One pass over the loader, `loss_fn(model, imgs, labels) -> loss` per step; returns the
     epoch's mean loss and the skipped-image count (an epoch that read no image is an error).
     `resumed` (a mid-epoch `Start`; its sampler skips the steps done) continues at its step
     with its random streams and the epoch's sums so far. Under `mae`'s stop signals
-    (`preemption`), raises `Preempted` after the step at which the ranks agreed to stop (never
-    the epoch's last one: the epoch then ends as usual), its DataLoader workers shut down.
+    (`preemption`), saves `saves` (the model unwrapped: no DDP, no compile) and the optimizer at
+    the step at which the ranks agreed to stop (never the epoch's last one: the epoch then ends
+    as usual) in checkpoint-last, then raises `Preempted`, its DataLoader workers shut down.
     `prepare(batch, labels, epoch, step) -> (images, labels, unreadable)` turns what a
     bytes-only loader yields into the step's images (`gpu_data.GpuBatches`: decoding and
     crops drawn from the step)."""
@@ -264,6 +283,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
     if stopped is not None:
         bar.close()
         del bar, batches  # the workers exit now, not with the process
+        save_stopped(args, saves, optimizer, scaler, stopped)
         raise stopped
     # With every file unreadable the loop "trains" at loss 0 and would save an untrained model.
     if int(distributed.all_reduce_max(torch.tensor(seen, device=device))) == 0:
@@ -276,14 +296,38 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
     return mean_loss, skipped
 
 
+def evaluate(model, loader, device, amp_dtype) -> dict:
+    """Top-1, top-5 (%) and cross-entropy of a classifier over the loader (each rank its share
+    of the images, summed over the ranks), as main_finetune.py / main_linprobe.py evaluate."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, images
+    for imgs, labels, _ in loader:
+        if imgs is None:
+            continue
+        imgs, labels = imgs.to(device), labels.to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
+                                             enabled=amp_dtype is not None):
+            logits = model(imgs).float()
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = ranked == labels[:, None]
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), loss,
+                               torch.tensor(imgs.shape[0], device=device)]).double()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    n = max(totals[3].item(), 1.0)
+    return {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n,
+            "loss": totals[2].item() / n, "images": int(totals[3].item())}
+
+
 def _resume_state(args, main: bool):
     """(contents, path) of `--resume`; for 'auto' the run's newest checkpoint that loads, saying
     which ones it passed over; (None, None) when there is nothing to resume."""
     if not args.resume:
         return None, None
     def read(path):  # of a sharded checkpoint its extras only: the shards load in place
-        if fsdp.is_sharded(path):
-            return fsdp.read_extras(path)
+        if sharded.is_sharded(path):
+            return sharded.read_extras(path)
         return load_checkpoint(path, trust=args.unsafe_trust_checkpoint)
 
     if args.resume != "auto":
@@ -307,7 +351,14 @@ def _resume_state(args, main: bool):
 
 def check_resumable(args, state: dict, path) -> None:
     """`--resume` of `mae pretrain` takes pre-training checkpoints, of `mae finetune` fine-tuning
-    ones; the other kind is an error naming the flag that takes it."""
+    ones, of `mae linprobe` its own; another kind is an error naming the flag that takes it."""
+    if args.command == "linprobe":
+        saved = (state.get("args") or {}).get("command")
+        if saved != "linprobe":
+            raise CheckpointError(f"--resume {path} is not a `mae linprobe` run"
+                                  + (f" (it is a `mae {saved}` one)" if saved else "")
+                                  + ": the encoder to probe is --finetune")
+        return
     held = weights_kind(state)
     if held == "fine-tuning" and args.command != "finetune":
         raise CheckpointError(f"--resume {path} holds fine-tuning weights (a classifier), not a "
@@ -403,7 +454,7 @@ def resume_from(args, model, optimizer, scaler, main: bool, log: JsonLog) -> Sta
     state, path = _resume_state(args, main)
     if state is None:
         return Start(0)
-    if fsdp.is_sharded(path):
+    if sharded.is_sharded(path):
         return _resume_sharded(args, model, optimizer, state, path, main, log)
     if getattr(args, "fsdp", False):
         raise CheckpointError(f"--resume {path}: a single-file checkpoint does not resume under "
@@ -443,7 +494,7 @@ def _resume_sharded(args, model, optimizer, extras: dict, path, main: bool,
     saved = (extras.get("args") or {}).get("command")
     if saved is not None and saved != args.command:
         raise CheckpointError(f"--resume {path} is a `mae {saved}` run, not `mae {args.command}`")
-    extras = fsdp.load_sharded(model, optimizer, path, trust=args.unsafe_trust_checkpoint)
+    extras = sharded.load_sharded(model, optimizer, path, trust=args.unsafe_trust_checkpoint)
     if main:
         print(f"resumed from {path} (sharded; epoch {extras['epoch']}, step {extras['step']})")
     return _start_after(args, extras, path, log)
@@ -475,7 +526,7 @@ def save_stopped(args, model, optimizer, scaler, stopped: Preempted) -> None:
                              stopped.rng_states)
     path = last_checkpoint(args)
     if getattr(args, "fsdp", False):
-        fsdp.save_sharded(model, optimizer, extras, path)
+        sharded.save_sharded(model, optimizer, extras, path)
     elif distributed.is_main():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extras}
         atomic_save(state, path)
@@ -487,8 +538,8 @@ def save_epoch(args, model, optimizer, scaler, epoch: int, steps_per_epoch: int)
     cadence, checkpoint-<epoch>/), otherwise rank 0 writes the .pth files."""
     extras = training_extras(args, scaler, epoch, steps_per_epoch, steps_per_epoch)
     if getattr(args, "fsdp", False):
-        fsdp.save_training_state(model, optimizer, extras, args.output_dir, epoch, args.epochs,
-                                 args.save_every)
+        sharded.save_training_state(model, optimizer, extras, args.output_dir, epoch, args.epochs,
+                                    args.save_every)
     elif distributed.is_main():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extras}
         save_training_state(state, args.output_dir, epoch, args.epochs, args.save_every)

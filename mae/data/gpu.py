@@ -9,7 +9,7 @@ loop with the step) draws the batch's boxes and flips from `step_generator(seed,
 step)`, so a resumed run crops exactly as an uninterrupted one, then `decode_resized_crop`:
 JPEGs (RGB) decoded in sub-batches by `torchvision.io.decode_jpeg` (batched nvJPEG on CUDA),
 every other file (PNG, CMYK, greyscale, 16-bit, or no torchvision) by Pillow on the CPU as
-`mae.data.to_rgb` reads it, each image cut to its box at once, then `mae_kernels.resized_crop`
+`.images.to_rgb` reads it, each image cut to its box at once, then `mae_kernels.resized_crop`
 writes the normalised (B, 3, S, S) float32 batch (one call while the crops fit the byte budget).
 
 Numerically (the op's docstring states the bounds): the op filters in float and rounds once;
@@ -31,7 +31,7 @@ from PIL import Image
 
 from mae_kernels import random_resized_crop_boxes, resized_crop, step_generator
 
-from .data import UNREADABLE, ImageFolderDataset, read_rgb
+from .images import UNREADABLE, ImageFolderDataset, read_rgb
 
 # decoded uint8 bytes in flight per sub-batch: bounds the memory a batch of huge images takes
 DECODE_BUDGET = 1 << 30
@@ -119,7 +119,7 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 def center_crop_boxes(shapes: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 4) boxes (top, left, height, width) in source pixels of `mae.data.center_resize`'s
+    """(B, 4) boxes (top, left, height, width) in source pixels of `mae.data.images.center_resize`'s
     crop: the short side resized to size * 256 / 224, the centre size x size kept; its region
     mapped back to the source and rounded to whole pixels (within half a pixel of it)."""
     boxes = []
