@@ -12,6 +12,7 @@ SIGTERM or SIGUSR1 saves its step and exits 0, by SIGINT 130 (`mae.train.preempt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -620,9 +621,10 @@ def main(argv=None) -> int:
             with StopSignals():
                 finetune(args)
         elif args.command == "linprobe":
-            from .train.linprobe import linprobe
+            from .train.linprobe import is_demo, linprobe
 
-            with StopSignals():
+            # the official recipe stops at a step and saves it; the demo saves nothing
+            with StopSignals() if not is_demo(args) else contextlib.nullcontext():
                 linprobe(args)
         elif args.command == "visualize":
             from .eval.visualize import visualize

@@ -236,6 +236,7 @@ def worker(out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(
         {"losses": losses, "resumed": resumed, "bytes": nbytes,
          "sharded": type(model.blocks[0].attn.qkv.weight).__name__}))
+    del model, optimizer, full  # for shutdown to free the group with them (see there)
     distributed.shutdown(synchronize=True)
 
 

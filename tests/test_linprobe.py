@@ -5,6 +5,7 @@ them, the progress bar."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -277,11 +278,31 @@ def test_official_recipe_checkpoints_each_epoch_and_resumes_a_stop_bit_for_bit(
     assert [(r["epoch"], r["loss"], r["val_top1"]) for r in epoch_records(stopped)] == \
         [(r["epoch"], r["loss"], r["val_top1"]) for r in logged]
 
-    # --eval: the saved probe's accuracy, as the run measured it after its last epoch
+    # --eval: the saved probe's accuracy, as the run measured it after its last epoch; of a
+    # path, or of the run's newest checkpoint
     stats = linprobe_module.linprobe(parse_args(probe_run(
         encoder, two_classes, tmp_path / "eval", "--eval", "--resume",
         str(straight / "checkpoint-2.pth"))))
     assert stats["top1"] == logged[-1]["val_top1"] and stats["images"] == 10
+    newest = linprobe_module.linprobe(parse_args(probe_run(
+        encoder, two_classes, straight, "--eval", "--resume", "auto")))
+    assert newest["top1"] == stats["top1"]
+    assert newest["checkpoint"] == str(straight / "checkpoint-last.pth")
+
+    # the head continues only on the encoder and features it was trained on
+    capsys.readouterr()
+    for flags, said in ((["--random-init"], "trained its head on another encoder"),
+                        (["--global-pool"], "on the features of --cls-token: pass --cls-token")):
+        assert main(probe_run(encoder, two_classes, straight, "--resume", "auto", "--epochs", "4",
+                              *flags)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+    # and a probe's checkpoint is no other command's
+    assert main(["pretrain", "--resume", str(straight / "checkpoint-2.pth"), "--epochs", "1",
+                 "--device", "cpu", "--output-dir", str(tmp_path / "pre")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --resume {straight / 'checkpoint-2.pth'} is a `mae linprobe` run, not `mae "
+        f"pretrain`")
 
 
 def test_resuming_what_is_not_a_probe_run_is_an_error(encoder, two_classes, tmp_path, capsys):
@@ -311,20 +332,58 @@ def test_a_run_flag_for_the_demo_is_an_error(encoder, flag, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: {flag[0]} is for the official recipe")
 
 
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.mark.slow
-def test_two_processes_under_torchrun_split_the_steps_and_the_evaluation(encoder, two_classes,
-                                                                         tmp_path):
+def test_two_processes_under_torchrun_split_the_steps_and_the_evaluation(encoder, tmp_path):
+    data = image_folder(tmp_path / "data", {"h-stripes", "v-stripes"}, train=100, val=56)
+    val_images = len(list((data / "val").rglob("*.png")))
+    assert val_images % 2  # an odd split: one rank scores one image more
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "mae.cli", *probe_run(encoder, two_classes, out, "--epochs", "2")],
-        capture_output=True, text=True, timeout=600, env=env)
+         "-m", "mae.cli", *probe_run(encoder, data, out, "--epochs", "2")],
+        capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) on cpu" in result.stdout
     # 20 images, 2 processes x batch 4: 2 steps an epoch each (the last 4 dropped, as
-    # DistributedSampler + drop_last do); every one of the 10 val images scored once
+    # DistributedSampler + drop_last do); every val image scored once, none twice
     state = ckpt.load_checkpoint(out / "checkpoint-1.pth")
     assert (state["steps_per_epoch"], state["step"]) == (2, 4)
-    assert [r["val_images"] for r in epoch_records(out)] == [10, 10]
+    logged = epoch_records(out)
+    assert [r["val_images"] for r in logged] == [val_images, val_images]
+    # scored with the head rank 0 saved (its BatchNorm statistics): one process agrees
+    alone = linprobe_module.linprobe(parse_args(probe_run(
+        encoder, data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-1.pth"))))
+    assert (alone["top1"], alone["top5"]) == (logged[-1]["val_top1"], logged[-1]["val_top5"])
+    assert alone["loss"] == pytest.approx(logged[-1]["val_loss"], rel=1e-5)
+
+
+def test_random_init_draws_its_encoder_from_the_seed(encoder):
+    def drawn(seed):
+        args = parse_args(["linprobe", "--checkpoint", str(encoder), "--random-init", "--seed",
+                           str(seed)])
+        return linprobe_module.load_encoder(args)[0].state_dict()["patch_embed.proj.weight"]
+
+    assert torch.equal(drawn(0), drawn(0)) and not torch.equal(drawn(0), drawn(1))
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_demo_at_once(encoder):
+    """The demo saves nothing, so a stop signal ends it as any program (the official recipe
+    stops after the step and saves it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mae.cli", "linprobe", "--checkpoint",
+                             str(encoder), "--epochs", "100000", "--train-size", "64",
+                             "--val-size", "20", "--num-workers", "0", "--quiet", "--device",
+                             "cpu"], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        for line in proc.stdout:
+            if line.startswith("recipe of mae linprobe"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()

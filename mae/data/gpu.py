@@ -331,17 +331,18 @@ class GpuBatches:
 
 class DecodedLoader:
     """A loader of `EncodedBatch`es as one of images: (images, labels, skipped) per step,
-    through `prepare` (a `GpuBatches`); for the loops that iterate a loader themselves
-    (evaluation, feature extraction)."""
+    through `prepare` (a `GpuBatches` of evaluation: centre boxes, the same every epoch); for
+    the loops that iterate a loader themselves (evaluation, feature extraction). Training
+    passes `prepare` to `engine.train_one_epoch`, which gives it the epoch and step."""
 
-    def __init__(self, loader, prepare: GpuBatches, epoch: int = 0):
-        self.loader, self.prepare, self.epoch = loader, prepare, epoch
+    def __init__(self, loader, prepare: GpuBatches):
+        self.loader, self.prepare = loader, prepare
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         for step, (batch, labels, skipped) in enumerate(self.loader):
-            imgs, labels, unreadable = self.prepare(batch, labels, self.epoch, step)
+            imgs, labels, unreadable = self.prepare(batch, labels, 0, step)
             yield imgs, labels, skipped + unreadable
 

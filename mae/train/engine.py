@@ -69,6 +69,20 @@ class JsonLog:
         for sink in self.sinks:
             sink.write(record)
 
+    def records(self, kind: str) -> list[dict]:
+        """The log's records of `kind` so far (none on a rank that does not write it)."""
+        if self.path is None or not self.path.is_file():
+            return []
+        found = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line a kill cut short
+                continue
+            if isinstance(record, dict) and record.get("kind") == kind:
+                found.append(record)
+        return found
+
     def drop_from(self, epoch: int, step: int | None = None) -> None:
         """Forgets the records of `epoch` and later (a resumed run writes them again) and any
         line a kill cut short; with `step` (the global step a run resumed mid-epoch continues
@@ -143,15 +157,18 @@ class ResumableSampler(DistributedSampler):
 
 def make_loader(dataset, args, rank: int, world_size: int, device, train: bool = True):
     """(sampler, loader) over this rank's share; a training loader drops the last partial
-    batch, an evaluation one keeps every image. Workers leave the stop signals to the main
-    process (see `preemption`). Tar shards (an IterableDataset) split themselves across the
-    ranks and workers; bytes-only data sets (`--data-loader gpu`) bring their own collation."""
+    batch, an evaluation one scores every image exactly once over the ranks. Workers leave the
+    stop signals to the main process (see `preemption`). Tar shards (an IterableDataset) split
+    themselves across the ranks and workers; bytes-only data sets (`--data-loader gpu`) bring
+    their own collation."""
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
     if iterable:
         sampler = dataset.split(rank, world_size, args.batch_size, train)
-    else:
-        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
-                                   seed=args.seed, drop_last=train)
+    elif train:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                   seed=args.seed, drop_last=True)
+    else:  # every image once over the ranks (DistributedSampler would repeat some to even out)
+        sampler = range(rank, len(dataset), world_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=None if iterable else sampler,
                         num_workers=args.num_workers, drop_last=train,
                         collate_fn=getattr(dataset, "collate", collate_skipping),
@@ -192,7 +209,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
     the step at which the ranks agreed to stop (never the epoch's last one: the epoch then ends
     as usual) in checkpoint-last, then raises `Preempted`, its DataLoader workers shut down.
     `prepare(batch, labels, epoch, step) -> (images, labels, unreadable)` turns what a
-    bytes-only loader yields into the step's images (`gpu_data.GpuBatches`: decoding and
+    bytes-only loader yields into the step's images (`data.gpu.GpuBatches`: decoding and
     crops drawn from the step)."""
     model.train()
     amp_dtype = AMP_DTYPES[args.amp]
@@ -298,7 +315,12 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
 
 def evaluate(model, loader, device, amp_dtype) -> dict:
     """Top-1, top-5 (%) and cross-entropy of a classifier over the loader (each rank its share
-    of the images, summed over the ranks), as main_finetune.py / main_linprobe.py evaluate."""
+    of the images, summed over the ranks), as main_finetune.py / main_linprobe.py evaluate.
+    Every rank scores with rank 0's buffers (a BatchNorm's running statistics), which are what
+    it saves: DDP copies them over only at the start of each training forward."""
+    if torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, images
     for imgs, labels, _ in loader:
@@ -320,7 +342,7 @@ def evaluate(model, loader, device, amp_dtype) -> dict:
             "loss": totals[2].item() / n, "images": int(totals[3].item())}
 
 
-def _resume_state(args, main: bool):
+def resume_state(args, main: bool):
     """(contents, path) of `--resume`; for 'auto' the run's newest checkpoint that loads, saying
     which ones it passed over; (None, None) when there is nothing to resume."""
     if not args.resume:
@@ -352,12 +374,14 @@ def _resume_state(args, main: bool):
 def check_resumable(args, state: dict, path) -> None:
     """`--resume` of `mae pretrain` takes pre-training checkpoints, of `mae finetune` fine-tuning
     ones, of `mae linprobe` its own; another kind is an error naming the flag that takes it."""
+    saved_args = state.get("args") or {}
+    saved = saved_args.get("command")
     if args.command == "linprobe":
-        saved = (state.get("args") or {}).get("command")
         if saved != "linprobe":
             raise CheckpointError(f"--resume {path} is not a `mae linprobe` run"
                                   + (f" (it is a `mae {saved}` one)" if saved else "")
                                   + ": the encoder to probe is --finetune")
+        _check_probed_encoder(args, saved_args, path)
         return
     held = weights_kind(state)
     if held == "fine-tuning" and args.command != "finetune":
@@ -366,6 +390,23 @@ def check_resumable(args, state: dict, path) -> None:
     if held == "pre-training" and args.command == "finetune":
         raise CheckpointError(f"--resume {path} holds pre-training weights (an MAE): to "
                               f"fine-tune from them use --finetune {path}")
+    if saved is not None and saved != args.command:
+        raise CheckpointError(f"--resume {path} is a `mae {saved}` run, not `mae {args.command}`")
+
+
+def _check_probed_encoder(args, saved: dict, path) -> None:
+    """A probe's head continues (or is scored) only on the encoder and features it was trained
+    on: the same weights (by fingerprint, wherever the file now is) and pooling."""
+    if saved.get("encoder_fingerprint") not in (None, args.encoder_fingerprint):
+        raise CheckpointError(f"--resume {path} trained its head on another encoder (it was "
+                              f"--finetune {saved.get('checkpoint')}"
+                              + (" --random-init" if saved.get("random_init") else "")
+                              + f"), not on --finetune {args.checkpoint}"
+                              + (" --random-init" if args.random_init else ""))
+    if saved.get("global_pool") not in (None, args.global_pool):
+        pooled = "--global-pool" if saved["global_pool"] else "--cls-token"
+        raise CheckpointError(f"--resume {path} trained its head on the features of "
+                              f"{pooled}: pass {pooled}")
 
 
 class Start(NamedTuple):
@@ -451,7 +492,7 @@ def resume_from(args, model, optimizer, scaler, main: bool, log: JsonLog) -> Sta
     model, optimizer and loss scaler; returns where to start (epoch 0 without a checkpoint;
     mid-epoch after a stop by a signal), after dropping the log's records from there on. The
     fp16 loss scaler's state carries over only where both runs scale (`--amp fp16`)."""
-    state, path = _resume_state(args, main)
+    state, path = resume_state(args, main)
     if state is None:
         return Start(0)
     if sharded.is_sharded(path):

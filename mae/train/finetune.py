@@ -179,7 +179,6 @@ def train_transform(args):
                             std=IMAGENET_STD)
 
 
-@torch.no_grad()
 def apply_defaults(args, pretrained_config: dict | None) -> None:
     """Demo (no --data-path, no --model) or official defaults for unset flags; the
     architecture of our own pre-training checkpoints is read from them."""

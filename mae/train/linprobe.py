@@ -14,6 +14,7 @@ process, nothing written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -38,6 +39,7 @@ from .engine import (
     evaluate,
     make_loader,
     resume_from,
+    resume_state,
     save_epoch,
     seed_epoch,
     start_run,
@@ -59,11 +61,16 @@ RUN_FLAGS = ("output_dir", "resume", "eval", "requeue", "save_every", "log_every
              "wandb", "amp")
 
 
+def is_demo(args) -> bool:
+    """Without --data-path or --model the run is the demo (see the module doc)."""
+    return args.data_path is None and args.model is None
+
+
 def apply_defaults(args) -> bool:
     """The recipe's batch size where --batch-size is unset; True for the demo, which probes
     un-augmented features in one process, so an augmentation or run flag given to it is an
     error."""
-    args.demo = args.data_path is None and args.model is None
+    args.demo = is_demo(args)
     fill(args, {"batch_size": DEMO_BATCH if args.demo else OFFICIAL_BATCH},
          "demo" if args.demo else "official")
     sources = getattr(args, "sources", {})
@@ -150,28 +157,34 @@ def load_encoder(args):
     return model, OFFICIAL_SIZE
 
 
+FINGERPRINTED = ("patch_embed.proj.weight", "cls_token", "norm.weight", "norm.bias")
+
+
+def encoder_fingerprint(model) -> str:
+    """What tells one encoder's weights from another's, cheaply (the patch embedding, the cls
+    token and the last norm): saved with a probe, so that it resumes on the same encoder."""
+    weights = model.state_dict()
+    digest = hashlib.sha256()
+    for name in FINGERPRINTED:
+        digest.update(weights[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def features(model, imgs: torch.Tensor, global_pool: bool) -> torch.Tensor:
     with torch.no_grad():
         out = model.encode(imgs)
     return (out.patch_mean if global_pool else out.cls_token).float()
 
 
-def probe_loader(dataset, args, train: bool, prepare: GpuBatches | None = None):
-    """Batches of `dataset` (shuffled, whole batches when `train`); through `prepare` where it
-    is bytes-only (--data-loader gpu: decoded and cropped on the device)."""
-    train_order = {}
-    if isinstance(dataset, torch.utils.data.IterableDataset):  # tar shards
-        dataset.split(0, 1, args.batch_size, train)
-    elif train:
-        train_order = dict(shuffle=True, generator=torch.Generator().manual_seed(args.seed))
-    loader = DataLoader(dataset, batch_size=args.batch_size, drop_last=train,
-                        num_workers=args.num_workers, **train_order,
-                        collate_fn=getattr(dataset, "collate", collate_skipping))
-    return loader if prepare is None else DecodedLoader(loader, prepare)
-
-
 def extract_features(model, dataset, device, args, desc: str, prepare=None):
-    loader = probe_loader(dataset, args, False, prepare)
+    """The demo's features of every image of `dataset`, in order, in this process; through
+    `prepare` where it is bytes-only (--data-loader gpu: decoded and cropped on the device)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # tar shards: all of them here
+        dataset.split(0, 1, args.batch_size, False)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        collate_fn=getattr(dataset, "collate", collate_skipping))
+    if prepare is not None:
+        loader = DecodedLoader(loader, prepare)
     feats, labels = [], []
     for imgs, y, _ in tqdm(loader, desc=desc, disable=args.quiet, leave=False):
         if imgs is not None:
@@ -284,6 +297,24 @@ def probe_demo(model, size: int, size_source: str, args) -> dict:
     return {**result, "epoch_losses": losses, "recipe_values": recipe}
 
 
+def evaluate_saved(args, probe, val_loader, device, amp_dtype, main: bool,
+                   num_classes: int) -> dict:
+    """--eval: the top-1 / top-5 of --resume's head (a path, or 'auto': the run's newest) on
+    --finetune's encoder."""
+    if not args.resume:
+        raise ValueError("--eval needs the trained probe: --resume CHECKPOINT (or auto)")
+    state, path = resume_state(args, main)
+    if state is None:
+        raise CheckpointError(f"--eval --resume auto: no checkpoint in {args.output_dir}")
+    check_resumable(args, state, path)
+    load_weights(probe, state, f"--resume {path}",
+                 f"the probe of --finetune {args.checkpoint}'s encoder with {num_classes} classes")
+    stats = {"checkpoint": str(path), **evaluate(probe, val_loader, device, amp_dtype)}
+    if main:
+        print(json.dumps(stats))
+    return stats
+
+
 @closes_sinks
 def probe_images(model, size: int, size_source: str, args) -> dict:
     """main_linprobe.py's recipe on the training engine (see the module doc)."""
@@ -314,20 +345,11 @@ def probe_images(model, size: int, size_source: str, args) -> dict:
     optimizer = LARS(probe.parameters(), lr=lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     amp_dtype = AMP_DTYPES[args.amp]
+    args.encoder_fingerprint = encoder_fingerprint(model)  # saved with the head (resume checks)
     if args.eval:
-        if not args.resume:
-            raise ValueError("--eval needs the trained probe: --resume CHECKPOINT")
-        state = load_checkpoint(args.resume, trust=args.unsafe_trust_checkpoint)
-        check_resumable(args, state, args.resume)
-        load_weights(probe, state, f"--resume {args.resume}",
-                     f"the probe of --finetune {args.checkpoint}'s encoder with {num_classes} "
-                     f"classes")
-        stats = {"checkpoint": str(args.resume), **evaluate(probe, val_loader, device,
-                                                             amp_dtype)}
-        if main:
-            print(json.dumps(stats))
-        return stats
+        return evaluate_saved(args, probe, val_loader, device, amp_dtype, main, num_classes)
     start_at = resume_from(args, probe, optimizer, scaler, main, log)
+    history = [r for r in log.records("epoch") if r["epoch"] < start_at.epoch]
     train_model = wrap_for_training(probe, args, world_size, device)
     recipe = linprobe_recipe(args, model.config, size_source, "LARS", lr, eff_batch)
     if main:
@@ -339,7 +361,7 @@ def probe_images(model, size: int, size_source: str, args) -> dict:
     def loss_fn(m, imgs, labels):
         return nn.functional.cross_entropy(m(imgs), labels)
 
-    records = []
+    records = list(history)  # a resumed run's summary covers its earlier epochs too
     stats = None
     for epoch in range(start_at.epoch, args.epochs):
         seed_epoch(args.seed, epoch, rank)

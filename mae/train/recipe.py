@@ -90,7 +90,7 @@ def pretrain_recipe(args, eff_batch: int, lr: float) -> dict:
                                 None if args.mask_type else "default"),
             "norm_pix_loss": _entry(args, "norm_pix_loss", config["norm_pix_loss"]),
             "video": _entry(args, "video"),
-            # data.py's pre-training augmentation, main_pretrain.py's (no flag sets it)
+            # data/images.py's pre-training augmentation, main_pretrain.py's (no flag sets it)
             "augmentation": {"value": "random resized crop (scale 0.2-1, bicubic) + hflip 0.5",
                              "source": "official"}}
 
