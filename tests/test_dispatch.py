@@ -228,7 +228,8 @@ def test_mae_rooms_import_only_downward():
 @pytest.mark.parametrize("module", ["mae_kernels.masking", "mae_kernels.unshuffling",
                                     "mae_kernels.loss", "mae_kernels.patches",
                                     "mae_kernels.tokens", "mae_kernels.integrations",
-                                    "mae.models.image", "mae.train.pretrain"])
+                                    "mae.models", "mae.data.shards", "mae.checkpoints.files",
+                                    "mae.eval.anomaly", "mae.train.pretrain"])
 def test_each_module_imports_alone(module):
     result = _python(f"import {module}")
     assert result.returncode == 0, result.stderr

@@ -110,7 +110,7 @@ def test_loads_an_official_checkpoint_at_another_input_size(tmp_path):
                                          "head.weight"]
     assert torch.equal(model.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
     assert model.pos_embed.shape == (1, 1 + 36, 192)
-    assert torch.equal(model.pos_embed[0, 0], mae.models.pos_embed[0, 0])
+    assert torch.equal(model.pos_embed[0, 0], mae.pos_embed[0, 0])
 
 
 def test_a_malicious_checkpoint_runs_no_code(tmp_path, capsys):
