@@ -277,6 +277,11 @@ def test_official_recipe_checkpoints_each_epoch_and_resumes_a_stop_bit_for_bit(
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [(r["epoch"], r["loss"], r["val_top1"]) for r in epoch_records(stopped)] == \
         [(r["epoch"], r["loss"], r["val_top1"]) for r in logged]
+    # resumed after its last epoch: nothing to train, the summary is the whole run's
+    again = linprobe_module.linprobe(parse_args(probe_run(encoder, two_classes, stopped,
+                                                          "--resume", "auto")))
+    assert [r["epoch"] for r in again["epochs"]] == [0, 1, 2]
+    assert (again["top1"], again["max_top1"]) == (result["top1"], result["max_top1"])
 
     # --eval: the saved probe's accuracy, as the run measured it after its last epoch; of a
     # path, or of the run's newest checkpoint

@@ -70,18 +70,13 @@ class JsonLog:
             sink.write(record)
 
     def records(self, kind: str) -> list[dict]:
-        """The log's records of `kind` so far (none on a rank that does not write it)."""
+        """The log's records of `kind` so far (none on a rank that does not write it), read as
+        `mae plot` reads them."""
         if self.path is None or not self.path.is_file():
             return []
-        found = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line a kill cut short
-                continue
-            if isinstance(record, dict) and record.get("kind") == kind:
-                found.append(record)
-        return found
+        from ..eval.figures import read_log
+
+        return [r for r in read_log(self.path.parent) if r.get("kind") == kind]
 
     def drop_from(self, epoch: int, step: int | None = None) -> None:
         """Forgets the records of `epoch` and later (a resumed run writes them again) and any
