@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -83,44 +83,9 @@ if not ext_modules:
     print(f"mae-kernels: {why}: the C++ extension will be compiled on first import. To build "
           "it now: pip install --no-build-isolation -e .", file=sys.stderr)
 
+# Name, version, dependencies, extras and the `mae` command are in pyproject.toml.
 setup(
-    name="mae-kernels",
-    version="0.1.0",
-    description="Fused Triton and C++/CUDA kernels for Masked Autoencoder pre-training",
-    long_description=(ROOT / "README.md").read_text(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["mae_kernels", "mae_kernels.*", "mae", "mae.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.11",
-        # torch pins its own triton on Linux (2.11: 3.6, 2.14: 3.8); any of 3.6-3.9 works.
-        "triton>=3.6; platform_system == 'Linux'",
-        "ninja",  # the build on import
-        "numpy",
-        "tqdm",
-        "pillow",
-        "matplotlib",
-        "pyyaml",  # --config files (safe_load)
-        "safetensors",  # mae export
-        "webdataset",  # tar shards (--data-path 'train-{000000..000127}.tar'); pure Python
-    ],
-    extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers",
-                 "scikit-learn", "scikit-image", "tensorboard", "wandb"],
-        # --log-dir (TensorBoard event files) and --wandb (Weights & Biases)
-        "logging": ["tensorboard", "wandb"],
-        # timm needs torchvision; install the torchvision of your torch first (torch 2.14.1:
-        # torchvision 0.29.1) so pip does not replace torch.
-        # Pillow 13 rejects posterize(bits=0), which timm's RandAugment ("rand-m9-mstd0.5-inc1")
-        # asks for at its highest magnitude.
-        "finetune": ["timm>=1.0.20", "torchvision", "pillow<13"],
-        # video files for `mae pretrain --video --data-path` (frame folders need nothing)
-        "video": ["av>=14"],
-        # `mae anomaly --synthetic`: AUROC
-        "anomaly": ["scikit-learn"],
-    },
-    entry_points={"console_scripts": ["mae=mae.cli:main"]},
 )

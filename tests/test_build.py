@@ -1,6 +1,6 @@
 """The C++/CUDA sources and their builds: where the build on import finds the sources (checkout,
 wheel), what a broken CUDA toolkit makes the builds say, nvcc compiles the CUDA kernels, CMake
-builds libtorch + ctest passes; and the README's account of the layout and the demo."""
+builds libtorch + ctest passes; and the docs' account of the layout and the demo."""
 import os
 import re
 import shutil
@@ -23,6 +23,7 @@ SOURCES = ["ops.cpp", "tokens.h", "cuda/tokens_cuda.cpp", "cuda/tokens_kernels.c
            "cuda/tokens_kernels.h"]
 # the toolkit's own nvcc (the first on PATH may be a wrapper elsewhere)
 NVCC = str(Path(CUDA_HOME) / "bin" / "nvcc") if CUDA_HOME else shutil.which("nvcc")
+LICENCE_FILES = ("LICENSE", "THIRD_PARTY_NOTICES.md")
 
 
 @pytest.mark.skipif(NVCC is None or not Path(NVCC).exists(), reason="nvcc not found")
@@ -60,51 +61,64 @@ def test_checkout_builds_from_top_level_csrc():
     assert not (ROOT / "mae_kernels" / "csrc").exists()
 
 
-def test_readme_describes_the_demo_as_its_defaults():
-    """Each `SxS images, PxP patches` and `N patches of PxP pixels` in the README is the image
-    demo's input and patch size."""
+def test_docs_describe_the_demo_as_its_defaults():
+    """Each `SxS images, PxP patches` and `N patches of PxP pixels` in the README and the docs is
+    the image demo's input and patch size."""
     from mae.train.pretrain import DEMO_DEFAULTS
 
-    readme = (ROOT / "README.md").read_text()
+    text = "".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
     size, patch = DEMO_DEFAULTS["input_size"], DEMO_DEFAULTS["patch_size"]
-    sizes = re.findall(r"(\d+)x\1(?: images,| with) (\d+)x\2 patches", readme)
-    counts = re.findall(r"(\d+) patches(?: \([^)]*\))? of (\d+)x\2 pixels", readme)
+    sizes = re.findall(r"(\d+)x\1(?: images,| with) (\d+)x\2 patches", text)
+    counts = re.findall(r"(\d+) patches(?: \([^)]*\))? of (\d+)x\2 pixels", text)
     assert set(sizes) == {(str(size), str(patch))}, sizes
     assert set(counts) == {(str((size // patch) ** 2), str(patch))}, counts
-    assert "`csrc/`" in readme  # the layout: the C++/CUDA sources at the top level
+    # the layout: the C++/CUDA sources at the top level
+    assert "`csrc/`" in (ROOT / "docs" / "development.md").read_text()
 
 
 @pytest.mark.slow
 def test_sdist_and_wheel_carry_the_sources_and_build_on_import(tmp_path):
     """sdist -> wheel -> install without the repository: the package carries csrc/ and its build
-    on import compiles from there. MAE_KERNELS_NO_EXTENSION=1 ships the sources only, as a
-    build-isolated `pip install .` does (torch is invisible there)."""
+    on import compiles from there; both carry the licence and the metadata of pyproject.toml.
+    MAE_KERNELS_NO_EXTENSION=1 ships the sources only, as a build-isolated `pip install .` does
+    (torch is invisible there)."""
     src = tmp_path / "src"
     src.mkdir()
     junk = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
-    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt",
+                 *LICENCE_FILES):
         shutil.copy(ROOT / name, src)
     for name in ("csrc", "mae_kernels", "mae"):
         shutil.copytree(ROOT / name, src / name, ignore=junk)
     env = {**os.environ, "MAE_KERNELS_NO_EXTENSION": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     dist = tmp_path / "dist"
+    release = f"mae_kernels-{mae_kernels.__version__}"
     steps = [
         [sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)],
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(dist), str(dist / "mae_kernels-0.1.0.tar.gz")],
+         "-w", str(dist), str(dist / f"{release}.tar.gz")],
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-         str(tmp_path / "site"), str(dist / "mae_kernels-0.1.0-py3-none-any.whl")],
+         str(tmp_path / "site"), str(dist / f"{release}-py3-none-any.whl")],
     ]
     for step in steps:
         result = subprocess.run(step, cwd=src, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, f"{' '.join(step)}\n{result.stdout}\n{result.stderr}"
-    with tarfile.open(dist / "mae_kernels-0.1.0.tar.gz") as sdist:
+    with tarfile.open(dist / f"{release}.tar.gz") as sdist:
         names = sdist.getnames()
-    assert all(f"mae_kernels-0.1.0/csrc/{s}" in names for s in SOURCES), names
-    with zipfile.ZipFile(dist / "mae_kernels-0.1.0-py3-none-any.whl") as wheel:
+        sdist_metadata = sdist.extractfile(f"{release}/PKG-INFO").read().decode()
+    assert all(f"{release}/csrc/{s}" in names for s in SOURCES), names
+    assert all(f"{release}/{name}" in names for name in LICENCE_FILES), names
+    with zipfile.ZipFile(dist / f"{release}-py3-none-any.whl") as wheel:
         names = wheel.namelist()
+        wheel_metadata = wheel.read(f"{release}.dist-info/METADATA").decode()
     assert all(f"mae_kernels/csrc/{s}" in names for s in SOURCES), names
+    assert all(f"{release}.dist-info/licenses/{name}" in names for name in LICENCE_FILES), names
+    for metadata in (sdist_metadata, wheel_metadata):
+        assert "License-Expression: BSD-3-Clause" in metadata, metadata
+        assert f"Version: {mae_kernels.__version__}" in metadata
+        assert "Summary: Fused Triton and C++/CUDA kernels" in metadata
+        assert "Project-URL: " in metadata and "Provides-Extra: lightly" in metadata
 
     site, cache = tmp_path / "site", tmp_path / "cache"
     check = """
