@@ -38,8 +38,10 @@ def _patch_rows_kernel(img_ptr, patches_ptr, T, H, C, p, tubelet, grid_w,
     token = (b * (T // tubelet) + f // tubelet) * frame_tokens + i * grid_w + j
     inside = (f % tubelet) * (p * run_len) + r * run_len  # this row's run within its patch
     patch_offset = (token * (tubelet * p * run_len) + inside)[:, None] + n[None, :]
-    img_offset = ((b * s_b + f * s_t + y * s_h) + (ch * s_c)[None, :]
-                  + ((j * p)[:, None] + c[None, :]) * s_w)
+    # 64-bit products: a stride times a channel or a column passes 2^31 in large or permuted
+    # inputs (the row terms are 64-bit through `row`)
+    img_offset = ((b * s_b + f * s_t + y * s_h) + (ch.to(tl.int64) * s_c)[None, :]
+                  + ((j * p)[:, None] + c[None, :]).to(tl.int64) * s_w)
     if TO_PATCHES:
         tl.store(patches_ptr + patch_offset, tl.load(img_ptr + img_offset, mask=valid), mask=valid)
     else:

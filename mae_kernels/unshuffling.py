@@ -80,7 +80,9 @@ def _unshuffle_backward_kernel(grad_ptr, ids_restore_ptr, grad_x_ptr, mask_parti
     # NOTE: a while loop, not range(b, b_end): triton 3.6's interpreter converts runtime range
     # bounds with int() on 1-element arrays, which NumPy >= 2.3 refuses.
     while b < b_end:
-        g = tl.load(grad_ptr + (b * T + t)[:, None] * D + cols[None, :], mask=tile)
+        # other=0: the lanes outside the tile are summed into pos_sum below (never stored, but
+        # a masked load without `other` leaves them undefined on the GPU)
+        g = tl.load(grad_ptr + (b * T + t)[:, None] * D + cols[None, :], mask=tile, other=0.0)
         from_x, dst = _sources(ids_restore_ptr, b, t, valid_t, L, K, P)
         tl.store(grad_x_ptr + (b * (P + K) + dst)[:, None] * D + cols[None, :],
                  g.to(grad_x_ptr.dtype.element_ty), mask=tile & from_x[:, None])

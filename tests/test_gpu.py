@@ -1,16 +1,27 @@
 """The same checks on CUDA at MAE sizes: the Triton kernels (what the dispatcher runs for CUDA
-tensors) and the CUDA extension vs the reference, and vs the CPU kernels."""
+tensors) and the CUDA extension vs the reference, and vs the CPU kernels. The `smoke` cases (one
+per op, and one compiled model step) are the GPU plan's smoke stage; scripts/gpu_sanitize.py runs
+the same op cases under compute-sanitizer."""
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 
 import mae_kernels as mk
+from mae_kernels import augment, tokens
 from mae_kernels import reference as ref
-from mae_kernels import tokens
 from mae_kernels.augment import IMAGENET_MEAN, IMAGENET_STD
 
 from .utils import TOLERANCES, assert_close, count_launches, running
 
 gpu = pytest.mark.gpu
+smoke = pytest.mark.smoke
 # the last one is longer than the fused sort handles: torch.sort + the extension's gather
 SHAPES = [(256, 196, 768), (256, 196, 1024), (256, 196, 512), (3, 5000, 40)]
 
@@ -97,10 +108,13 @@ def test_mae_loss_and_patchify_cuda(gpu_backend, dtype, norm_pix_loss, size, p):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [768, 1024, 33, 1])
-def test_gather_scatter_cuda(dtype, D):
+# MAE's rows, odd ones, and rows longer than a warp's pass (8 vectors a lane): several warps
+# share each of them
+@pytest.mark.parametrize("B,L,K,D", [(256, 196, 49, 768), (256, 196, 49, 1024),
+                                     (256, 196, 49, 33), (256, 196, 49, 1), (2, 5, 3, 70001),
+                                     (2, 5, 3, 65536)])
+def test_gather_scatter_cuda(dtype, B, L, K, D):
     assert "cuda" in tokens.KERNEL_DEVICES, "the extension was built without CUDA kernels"
-    B, L, K = 256, 196, 49
     index = torch.rand(B, L, device="cuda").argsort(1)[:, :K].contiguous()
     x = torch.randn(B, L, D, device="cuda", dtype=dtype)
     assert torch.equal(torch.ops.mae_kernels.gather_tokens(x, index), ref.gather_tokens(x, index))
@@ -290,3 +304,229 @@ def test_hog_targets_match_the_cpu_kernel(target, dtype):
     assert torch.equal(got[kept], torch.zeros_like(got[kept]))
     close = torch.isclose(got, want, rtol=1e-4, atol=1e-5)
     assert close.float().mean() > 0.999, f"{(~close).sum()} of {close.numel()} values differ"
+
+
+# One case per op (forward and backward), at small odd sizes (D=40, a 7x9 grid of patches) so
+# that partial blocks and row tails run: the plan's smoke stage compares each on CUDA with its
+# CPU kernel, and its sanitizer stage runs them all under compute-sanitizer.
+B, GRID, D = 3, (7, 9), 40
+L = GRID[0] * GRID[1]
+
+
+def _images(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def _removed(g, B, L, ratio=0.75):
+    return (torch.rand(B, L, generator=g) < ratio).float()
+
+
+def _positions(g, B, L, n):
+    """(B, n) distinct positions in [0, L) per row, in order."""
+    return torch.rand(B, L, generator=g).argsort(1)[:, :n].sort(1).values
+
+
+def _photos(g):
+    """Three packed uint8 images of different sizes (data, offsets, shapes), a box in each,
+    and which to flip: resized_crop's inputs."""
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+              for h, w in ((20, 30), (25, 17), (32, 32))]
+    boxes = torch.tensor([[2, 3, 15, 20], [0, 0, 25, 17], [5, 9, 11, 13]])
+    return (*augment.pack(images), boxes, torch.tensor([True, False, True]))
+
+
+@dataclasses.dataclass
+class OpCase:
+    """One call of a public op on inputs drawn from a seeded generator (CPU tensors): its
+    outputs, then the gradients that a seeded cotangent on its first output sends back to the
+    arguments numbered in `grad`."""
+    op: Callable
+    inputs: Callable[[torch.Generator], tuple]
+    grad: tuple[int, ...] = (0,)
+    exact: bool = True  # copies: bit for bit; sums: to float32 rounding
+    triton: bool = True  # its kernels are Triton's; False: the extension's (CUDA only)
+    mostly: float = 1.0  # the fraction of values that must agree (HOG's hard binning)
+
+    def draw(self) -> tuple:
+        return self.inputs(torch.Generator().manual_seed(0))
+
+    def __call__(self, *args) -> tuple[torch.Tensor, ...]:
+        args = [a.detach().requires_grad_() if i in self.grad else a for i, a in enumerate(args)]
+        out = self.op(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        if not self.grad:
+            return tuple(o.detach() for o in outs)
+        cotangent = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(outs[0], [args[i] for i in self.grad],
+                                    cotangent.to(outs[0].device, outs[0].dtype))
+        return (*(o.detach() for o in outs), *grads)
+
+
+OP_CASES = {
+    "random_masking": OpCase(lambda x, noise: mk.random_masking(x, 0.75, noise),
+                             lambda g: (_images(g, B, L, D), torch.rand(B, L, generator=g))),
+    "block_masking": OpCase(lambda x, noise: mk.block_masking(x, 0.75, GRID, noise),
+                            lambda g: (_images(g, B, L, D), torch.rand(B, L, 5, generator=g))),
+    # grid masking keeps one token of every 2x2 square: both sides even
+    "grid_masking": OpCase(lambda x, offset: mk.grid_masking(x, (6, 8), 2, offset),
+                           lambda g: (_images(g, B, 48, D), torch.randint(0, 2, (B, 2),
+                                                                           generator=g))),
+    "tube_masking": OpCase(lambda x, noise: mk.tube_masking(x, 0.9, 4, noise),
+                           lambda g: (_images(g, B, 4 * L, D), torch.rand(B, L, generator=g))),
+    "pixio_masking": OpCase(lambda x, noise: mk.pixio_masking(x, 0.75, 2, noise, grid=(6, 8)),
+                            lambda g: (_images(g, B, 48, D), torch.rand(B, 12, generator=g))),
+    "crossmae_masking": OpCase(lambda x, noise: mk.crossmae_masking(x, 0.75, 0.5, noise),
+                               lambda g: (_images(g, B, L, D), torch.rand(B, L, generator=g))),
+    "unshuffle": OpCase(
+        lambda x, mask_token, ids_restore, pos: mk.unshuffle(x, mask_token, ids_restore, 1, pos),
+        lambda g: (_images(g, B, 1 + L // 4, D), _images(g, 1, 1, D),
+                   torch.rand(B, L, generator=g).argsort(1).argsort(1), _images(g, 1, 1 + L, D)),
+        grad=(0, 1, 3), exact=False),  # the position embedding is added in float32
+    "decoder_queries": OpCase(
+        lambda mask_token, pos, ids_pred: mk.decoder_queries(mask_token, pos, ids_pred, 1),
+        lambda g: (_images(g, 1, 1, D), _images(g, 1, 1 + L, D), _positions(g, B, L, 20)),
+        grad=(0, 1), exact=False),
+    "patchify": OpCase(lambda imgs: mk.patchify(imgs, 8), lambda g: (_images(g, B, 3, 56, 72),)),
+    "unpatchify": OpCase(lambda x: mk.unpatchify(x, 8, GRID), lambda g: (_images(g, B, L, 192),)),
+    "patchify3d": OpCase(lambda videos: mk.patchify3d(videos, (2, 8, 8)),
+                         lambda g: (_images(g, B, 3, 4, 16, 24),)),
+    "unpatchify3d": OpCase(lambda x: mk.unpatchify3d(x, (2, 8, 8), (2, 2, 3)),
+                           lambda g: (_images(g, B, 12, 384),)),
+    "mae_loss": OpCase(lambda imgs, pred, mask: mk.mae_loss(imgs, pred, mask, 8, True),
+                       lambda g: (_images(g, B, 3, 56, 72), _images(g, B, L, 192),
+                                  _removed(g, B, L)), grad=(1,), exact=False),
+    "mae_loss_video": OpCase(
+        lambda videos, pred, mask: mk.mae_loss(videos, pred, mask, 8, True, tubelet_size=2),
+        lambda g: (_images(g, B, 3, 4, 16, 24), _images(g, B, 12, 384), _removed(g, B, 12)),
+        grad=(1,), exact=False),
+    "hog_targets": OpCase(lambda imgs, mask: mk.hog_targets(imgs, 16, mask=mask),
+                          lambda g: (_images(g, B, 3, 32, 48), _removed(g, B, 6)), grad=(),
+                          exact=False, mostly=0.99),
+    "resized_crop": OpCase(
+        lambda data, offsets, shapes, boxes, flips: mk.resized_crop(
+            data, boxes, 16, flips, shapes=shapes, offsets=offsets),
+        lambda g: _photos(g), grad=(), exact=False),
+    "gather_tokens": OpCase(mk.gather_tokens,
+                            lambda g: (_images(g, B, L, D), _positions(g, B, L, 20)),
+                            triton=False),
+}
+
+
+def _smoke_params():
+    for name, case in OP_CASES.items():
+        yield pytest.param("cuda", name, marks=[gpu, smoke], id=f"cuda-{name}")
+        if case.triton:
+            yield pytest.param("interpreter", name, id=f"interpreter-{name}")
+
+
+@pytest.mark.parametrize("target,name", list(_smoke_params()))
+def test_each_op_matches_its_cpu_kernel(target, name):
+    """One case per op, forward and backward: the device's kernels (Triton's; the extension's
+    for gather/scatter) against the CPU kernels on the same inputs."""
+    case = OP_CASES[name]
+    inputs = case.draw()
+    want = on_cpu_kernel(case, *inputs)
+    if case.triton:
+        got = on_triton(target, case, *inputs)
+    else:
+        assert "cuda" in tokens.KERNEL_DEVICES, "the extension was built without CUDA kernels"
+        got = _on_cpu(case(*[a.cuda() for a in inputs]))
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}"
+        if case.exact:
+            assert torch.equal(g, w), f"output {i}"
+            continue
+        g, w = g.double(), w.double()
+        close = torch.isclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()))
+        assert close.double().mean() >= case.mostly, \
+            f"output {i}: {(~close).sum()} of {close.numel()} values differ"
+
+
+# the kernels of a training step: masking, the decoder's input, the loss, and their backwards
+STEP_KERNELS = ["_masking_kernel", "_gather_kept_kernel", "_unshuffle_kernel",
+                "_unshuffle_backward_kernel", "_loss_forward_kernel", "_loss_backward_kernel"]
+
+
+@gpu
+@smoke
+def test_compiled_model_step_runs_our_kernels_cuda():
+    """torch.compile(fullgraph=True) of a small MAE's training step: Inductor re-emits our
+    Triton kernels (registered through triton_op) in its own code, and the loss and the
+    gradients are eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mae.models.image import MAE, config_of
+
+    from .utils import assert_same_grads
+
+    config = config_of("mae_vit_tiny_patch16", img_size=32, patch_size=4)
+    eager = MAE(config).cuda()
+    compiled = MAE(config).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    imgs = torch.randn(8, 3, 32, 32, device="cuda")
+    noise = torch.rand(8, 64, device="cuda")
+
+    def step(forward):
+        loss = forward(imgs, 0.75, noise)[0]
+        loss.backward()
+        return loss.detach()
+
+    want = step(eager)
+    torch._dynamo.reset()
+    got, code = run_and_get_code(step, torch.compile(compiled, fullgraph=True))
+    code = "\n".join(code)
+    assert [k for k in STEP_KERNELS if k not in code] == [], "Inductor did not emit these"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_same_grads(compiled, eager, rtol=1e-3, atol=1e-5)
+
+
+@gpu
+def test_grid_masking_with_a_fixed_offset_never_waits_for_the_host():
+    """The offsets of a fixed pair are filled on the device: `torch.tensor(pair, device=cuda)`
+    copied them from pageable memory, a host-device sync in every `--mask-type grid` step."""
+    x = torch.randn(256, 196, 768, device="cuda")
+    mk.grid_masking(x, (14, 14))  # the kernels' first compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with mk.skip_index_checks():
+            for offset in (None, (1, 0)):
+                mk.grid_masking(x, (14, 14), 2, offset)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def big_strides(target: str) -> None:
+    """patchify and mae_loss of a (1, 3, 16, 16) image whose channels lie 2^30 + 64 elements
+    apart: the offset of channel 2 passes 2^31, which int32 products wrap (a read before the
+    image: a crash or garbage). On the interpreter the storage is a sparse file (only the
+    touched pages take memory); on CUDA 8.6 GB of device memory."""
+    stride_c = 2**30 + 64
+    n = 2 * stride_c + 16 * 16
+    if target == "cuda":
+        storage = torch.empty(n, device="cuda")
+    else:
+        with tempfile.NamedTemporaryFile() as f:  # the mapping outlives the name
+            f.truncate(n * 4)
+            storage = torch.from_file(f.name, shared=False, size=n, dtype=torch.float32)
+    imgs = storage.as_strided((1, 3, 16, 16), (0, stride_c, 16, 1))
+    imgs.copy_(torch.randn(1, 3, 16, 16))
+    pred, mask = torch.randn(1, 4, 192, device=imgs.device), torch.ones(1, 4, device=imgs.device)
+    with running("triton") if target == "interpreter" else count_launches() as launches:
+        tokens_, loss = mk.patchify(imgs, 8), mk.mae_loss(imgs, pred, mask, 8)
+    if target == "cuda":
+        assert launches["_patch_rows_kernel"] and launches["_loss_forward_kernel"]
+    assert torch.equal(tokens_, ref.patchify(imgs, 8))
+    torch.testing.assert_close(loss, ref.mae_loss(imgs, pred, mask, 8))
+    print("big strides: ok")
+
+
+@pytest.mark.parametrize("target", [pytest.param("cuda", marks=gpu), "interpreter"])
+def test_patchify_and_loss_address_past_2_31_elements(target):
+    """In a fresh interpreter: a wrapped offset crashes it."""
+    env = {**os.environ, "TRITON_INTERPRET": "1" if target == "interpreter" else "0"}
+    done = subprocess.run([sys.executable, "-c", f"from tests.test_gpu import big_strides; "
+                           f"big_strides({target!r})"], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "big strides: ok" in done.stdout, done.stderr[-3000:]

@@ -5,8 +5,12 @@ ptxas spills registers to the stack frame, and these kernels hold nothing else t
 
 Run with TRITON_INTERPRET unset (tests/test_triton_compile.py does): the launchers run on CPU
 tensors with their kernels' `run` replaced by recorders, then each recorded launch is compiled
-with the specialisations Triton's JIT would apply (16-byte aligned pointers, integers divisible
-by 16).
+with the specialisations Triton's JIT makes for it on an sm_90 device: the kernel's own binder
+(the function `JITFunction.run` calls) reads the arguments, so integers equal to 1 become
+constants, integers divisible by 16 and pointers aligned to 16 bytes get the divisibility hint,
+as on the GPU. What it cannot see: a pointer's alignment is read from the CPU tensor, whose
+storage is 64-byte aligned where CUDA's caching allocator gives 512; the offsets of views are
+the same on both, so the hints are too.
 Prints one JSON object: {kernel: {"compiled": n, "loads": [...], "stores": [...], "resources":
 [{"regs": r, "stack": bytes, "args": {integer or constexpr argument: value}}, one per launch]}},
 and the resources as a table on stderr.
@@ -22,15 +26,16 @@ import torch
 import triton
 from torch._library.triton import set_wrap_triton_enabled
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from mae_kernels import augment, hog, loss, masking, patches, reference, unshuffling
+from mae_kernels import augment, hog, loss, masking, patches, queries, reference, unshuffling
 
 warnings.filterwarnings("ignore")
-STRATEGIES = {masking.RANDOM: "random", masking.BLOCK: "block", masking.GRID: "grid"}
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-         torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8",
-         torch.bool: "i1"}
+STRATEGIES = {masking.RANDOM: "random", masking.BLOCK: "block", masking.GRID: "grid",
+              masking.UNITS: "units"}
+TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
 
 
 class Recorder:
@@ -46,27 +51,21 @@ class Recorder:
 
 
 def compile_call(kernel, args, kwargs):
-    signature, constexprs, attrs = {}, {}, {}
-    options = {"num_warps": kwargs.pop("num_warps", 4)}
-    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            constexprs[name] = kwargs[name]
-            continue
-        value = args[i]
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    """One recorded launch compiled as `JITFunction.run` compiles it on an sm_90 device; and
+    what the JIT specialised: {"constants": runtime arguments it made constants (integers
+    equal to 1), "divisible": those it hinted divisible by 16 (integers, aligned pointers)}."""
+    binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(BACKEND, kwargs, bound,
+                                                               specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    names = [param.name for param in kernel.params]
+    specialised = {
+        "constants": sorted(names[path[0]] for path in constexprs
+                            if not kernel.params[path[0]].is_constexpr),
+        "divisible": sorted(names[path[0]] for path, attr in attrs.items() if attr),
+    }
+    return triton.compile(src, target=TARGET, options=options.__dict__), specialised
 
 
 def resources(cubin: bytes) -> tuple[int, int]:
@@ -95,6 +94,15 @@ def run_launchers(dtype):
     # VideoMAE-B: 8 temporal positions of 14x14, 90% masked
     video = torch.randn(2, 8 * L, D).to(dtype)
     masking._masking_triton(video, torch.rand(2, L), None, None, 20, 8, 1, masking.RANDOM, 0, f32)
+    # CrossMAE-B: 49 kept, 49 of the 147 masked predicted; Pixio at 256px: 4x4 units of 16x16
+    masking._masking_triton(x, torch.rand(B, L), None, None, K, 1, 14, masking.RANDOM, 0, f32, 49)
+    pixio = torch.randn(B, 256, D).to(dtype)
+    masking._masking_triton(pixio, torch.rand(B, 16), None, None, 64, 1, 16, masking.UNITS, 4,
+                            f32)
+    ids_pred = torch.sort(torch.stack([torch.randperm(L)[:49] for _ in range(B)]), 1).values
+    queries._queries_triton(torch.randn(1, 1, 512).to(dtype), torch.randn(1, P + L, 512).to(dtype),
+                            ids_pred, P)
+    queries._queries_backward_triton(torch.randn(B, 49, 512).to(dtype), ids_pred, L)
     dec = torch.randn(B, P + K, 512).to(dtype)
     unshuffling._unshuffle_triton(dec, torch.randn(1, 1, 512).to(dtype), ids_restore, P,
                                   torch.randn(1, P + L, 512).to(dtype))
@@ -105,7 +113,15 @@ def run_launchers(dtype):
     frame = imgs[:, :, None]  # the ops take videos: an image is one frame
     loss._mae_loss_triton(frame, pred, mask, 1, 16, True)
     loss._mae_loss_backward_triton(torch.tensor(1.0), frame, pred, mask, 1, 16, True)
+    predicted = pred[:, :49].contiguous()  # CrossMAE: the predicted rows only
+    loss._mae_loss_triton(frame, predicted, torch.ones(B, 49), 1, 16, True, False, None,
+                          ids_pred)
+    loss._mae_loss_backward_triton(torch.tensor(1.0), frame, predicted, torch.ones(B, 49), 1, 16,
+                                   True, False, None, ids_pred)
     patches._unpatchify_triton(patches._patchify_triton(frame, 1, 16), 1, 16, 1, 14, 14, 3)
+    # a view one element into its storage: the JIT gives its pointer no alignment hint
+    unaligned = torch.randn(frame.numel() + 1).to(dtype)[1:].view(frame.shape)
+    patches._patchify_triton(unaligned, 1, 16)
     hog._hog_triton(imgs, mask, 16, 9, 8)
     # VideoMAE-B: 16 frames of 224x224 in 2x16x16 tubelets
     videos = torch.randn(2, 3, 16, 224, 224).to(dtype)
@@ -135,6 +151,8 @@ def run_long_masking():
         masking._masking_triton(x, order, draws, None, K, 1, side, masking.BLOCK, 4, f32)
         offsets = torch.zeros(2, 2, dtype=torch.int64)
         masking._masking_triton(x, None, None, offsets, K, 1, side, masking.GRID, 2, f32)
+        masking._masking_triton(x, torch.rand(2, S // 16), None, None, K, 1, side,
+                                masking.UNITS, 4, f32)
 
 
 def main():
@@ -148,6 +166,8 @@ def main():
         "patchify": patches._patch_rows_kernel,
         "hog": hog._hog_kernel,
         "resized_crop": augment._resized_crop_kernel,
+        "decoder_queries": queries._queries_kernel,
+        "decoder_queries_backward": queries._queries_backward_kernel,
     }
     recorders = {name: Recorder(kernel) for name, kernel in kernels.items()}
     with set_wrap_triton_enabled(False):  # launch directly, as the op's eager kernel does
@@ -161,12 +181,13 @@ def main():
             key = f"{name}_{STRATEGIES[kwargs['STRATEGY']]}" if "STRATEGY" in kwargs else name
             entry = report.setdefault(key, {"compiled": 0, "loads": set(), "stores": set(),
                                             "resources": []})
-            compiled = compile_call(recorder.kernel, args, dict(kwargs))
+            compiled, specialised = compile_call(recorder.kernel, args, dict(kwargs))
             ptx = compiled.asm["ptx"]
             regs, stack = resources(compiled.asm["cubin"])
             sizes = {name: value for name, value in zip(recorder.kernel.arg_names, args)
                      if isinstance(value, int)} | kwargs  # kwargs: constexprs, num_warps
-            entry["resources"].append({"regs": regs, "stack": stack, "args": sizes})
+            entry["resources"].append({"regs": regs, "stack": stack, "args": sizes,
+                                       **specialised})
             print(f"{key:20} regs {regs:3} stack {stack:4} B  {sizes}", file=sys.stderr)
             entry["compiled"] += 1
             entry["loads"] |= set(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx))
