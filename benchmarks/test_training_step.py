@@ -10,6 +10,7 @@ import importlib.util
 import pytest
 import torch
 
+from mae.models import build_model
 from mae.models.image import MAE, config_of
 from mae_kernels.integrations import patch_vit_mae
 
@@ -92,6 +93,36 @@ def test_pretrain_step(benchmark, name, variant):
     benchmark.group = f"pretrain step {name}"
     benchmark.extra_info.update(model=name, variant=variant)
     _measure(benchmark, MAE(config), lambda m, x: m(x).loss, batch, config["img_size"],
+             variant.endswith("compile"))
+
+
+# ViT-B/16 MAE against CrossMAE (its recipe: 12 cross-attention blocks over weighted feature
+# maps, 25% of the patches predicted) and a Pixio-shaped ViT-B (8 cls tokens, 4x4 masking units,
+# its 32-block decoder, 256 px); the GPU plan's step stage selects them with -m decoder_side.
+DECODER_SIDE = {  # case: (model, batch, config overrides)
+    "mae": ("mae_vit_base_patch16", 256, {"img_size": 224}),
+    "crossmae": ("crossmae_vit_base_patch16", 256, {"img_size": 224}),
+    "pixio": ("pixio_vit_tiny_patch16", 128, {"encoder_dim": 768, "encoder_heads": 12,
+                                               "decoder_dim": 512, "decoder_layers": 32,
+                                               "decoder_heads": 16}),
+} if GPU_SIZES else {
+    "mae": ("mae_vit_tiny_patch16", 8, {"img_size": 32, "patch_size": 4}),
+    "crossmae": ("crossmae_vit_tiny_patch16", 8, {"img_size": 32, "patch_size": 4}),
+    "pixio": ("pixio_vit_tiny_patch16", 8, {"img_size": 32, "patch_size": 4, "mask_grid": 2,
+                                             "decoder_layers": 4}),
+}
+
+
+@pytest.mark.decoder_side
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(DECODER_SIDE))
+def test_decoder_side_step(benchmark, case, variant):
+    name, batch, overrides = DECODER_SIDE[case]
+    config = config_of(name, **overrides, use_kernels=variant.startswith("kernels"))
+    size = "ViT-B/16" if GPU_SIZES else "tiny"
+    benchmark.group = f"pretrain step: MAE vs CrossMAE vs Pixio ({size})"
+    benchmark.extra_info.update(model=name, case=case, variant=variant, overrides=overrides)
+    _measure(benchmark, build_model(config), lambda m, x: m(x).loss, batch, config["img_size"],
              variant.endswith("compile"))
 
 

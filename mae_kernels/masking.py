@@ -1,16 +1,23 @@
 """The masking family: random_masking (the official method), tube_masking (VideoMAE: one spatial
-mask shared by every frame), block_masking (BEiT's block-wise rectangles) and grid_masking (the
-MAE paper's regular grid). Each returns what the official random_masking returns,
+mask shared by every frame), block_masking (BEiT's block-wise rectangles), grid_masking (the
+MAE paper's regular grid), pixio_masking (Pixio's random masking of g x g units of patches) and
+crossmae_masking (CrossMAE's three-way split: kept / masked, not predicted / predicted). Each
+returns what the official random_masking returns,
 `(x_masked, mask, ids_restore)`, with exactly `len_keep` tokens per sample (per frame for tube),
 so the model and `unshuffle` stay the same.
 
-All four are one op: a spatial order of the S tokens of a frame (kept first), then the same
+All are one op: a spatial order of the S tokens of a frame (kept first), then the same
 writes and gather for every one of `frames` frames. The strategies differ only in the sort key:
-- random / tube: the noise;
+- random / tube / crossmae: the noise;
 - block: whether a rectangle covers the token, then the noise (see `reference.block_cover`);
-- grid: whether the token is off the grid, then its position.
+- grid: whether the token is off the grid, then its position;
+- units (Pixio): the noise of the token's g x g unit, then the unit, then the token's
+  row-major place in it (Pixio's order: each kept unit's g*g patches together).
 The op also returns `ids_keep` (the kept positions, in keep order); its backward scatters the
-gradient back through it with the extension's `scatter_tokens`, without a second sort.
+gradient back through it with the extension's `scatter_tokens`, without a second sort. With
+`num_predicted` >= 0 (CrossMAE) the mask marks only the last `num_predicted` tokens of each
+frame's order, and `ids_pred` lists them in position order (CrossMAE's `masked_select` order,
+which the decoder queries and the loss read); the kernel sorts them with a second, short sort.
 
 Triton (CUDA): two kernels. `_masking_kernel` (one program per sample) sorts the row's keys and
 writes ids_restore / mask / ids_keep for every frame; `_gather_kept_kernel` then copies the kept
@@ -38,7 +45,8 @@ MAX_FUSED_L = 4096
 TILE_ELEMENTS = 8192  # BLOCK_R x BLOCK_D values gathered per tile
 TILE_ROWS = 64  # kept rows per gather program, at most
 COLUMNS_PER_PROGRAM = 256
-RANDOM, BLOCK, GRID = 0, 1, 2  # the strategies; tube is RANDOM over several frames
+# the strategies; tube is RANDOM over several frames, crossmae RANDOM with num_predicted
+RANDOM, BLOCK, GRID, UNITS = 0, 1, 2, 3
 
 
 @triton.jit
@@ -93,9 +101,11 @@ def _block_mask(draws_ptr, attempts, pos, in_row, grid_h, grid_w, num_mask, min_
 
 @triton.jit
 def _masking_kernel(noise_ptr, draws_ptr, offsets_ptr, mask_ptr, ids_restore_ptr, ids_keep_ptr,
-                    S, K, frames, grid_w, attempts, num_mask, param, stride_nb,
-                    STRATEGY: tl.constexpr, BLOCK_L: tl.constexpr):
-    """One sample's order: sort its keys, write ids_restore, mask and ids_keep of every frame."""
+                    ids_pred_ptr, S, K, first_masked, frames, grid_w, attempts, num_mask, param,
+                    stride_nb, STRATEGY: tl.constexpr, PREDICT: tl.constexpr,
+                    BLOCK_L: tl.constexpr):
+    """One sample's order: sort its keys, write ids_restore, mask (ranks >= first_masked) and
+    ids_keep of every frame, and with PREDICT ids_pred (the masked tokens, in position order)."""
     b = tl.program_id(0).to(tl.int64)
     pos = tl.arange(0, BLOCK_L)
     in_row = pos < S
@@ -107,8 +117,16 @@ def _masking_kernel(noise_ptr, draws_ptr, offsets_ptr, mask_ptr, ids_restore_ptr
                    & ((pos % grid_w) % param == offset_col))
         keys = (tl.where(on_grid & in_row, 0, 1).to(tl.uint64) << 32) | index
     else:
-        noise = tl.load(noise_ptr + b * stride_nb + pos, mask=in_row, other=0.0).to(tl.float32)
-        bits = tl.where(in_row, _sortable_bits(noise), 0xFFFFFFFF).to(tl.uint64)
+        if STRATEGY == 3:  # units: param = g; each token sorts by its unit's noise, then by its
+            # unit-major index (unit, then row-major in the unit), decoded after the sort
+            units_w = grid_w // param
+            unit = (pos // grid_w // param) * units_w + (pos % grid_w) // param
+            within = ((pos // grid_w) % param) * param + (pos % grid_w) % param
+            noise = tl.load(noise_ptr + b * stride_nb + unit, mask=in_row, other=0.0)
+            index = tl.where(in_row, unit * param * param + within, pos).to(tl.uint64)
+        else:
+            noise = tl.load(noise_ptr + b * stride_nb + pos, mask=in_row, other=0.0)
+        bits = tl.where(in_row, _sortable_bits(noise.to(tl.float32)), 0xFFFFFFFF).to(tl.uint64)
         if STRATEGY == 1:  # block: uncovered tokens first, each part in noise order
             blocked = _block_mask(draws_ptr + b * attempts * 4, attempts, pos, in_row,
                                   S // grid_w, grid_w, num_mask, param)
@@ -117,8 +135,19 @@ def _masking_kernel(noise_ptr, draws_ptr, offsets_ptr, mask_ptr, ids_restore_ptr
         else:
             keys = (bits << 32) | index
     ids_shuffle = (tl.sort(keys) & 0x7FFFFFFF).to(tl.int64)  # ids_shuffle[j]: the token of rank j
+    if STRATEGY == 3:  # unit-major index -> position
+        units_w = grid_w // param
+        unit = ids_shuffle // (param * param)
+        within = ids_shuffle % (param * param)
+        ids_shuffle = (((unit // units_w) * param + within // param) * grid_w
+                       + (unit % units_w) * param + within % param)
     keep = pos < K
     length = frames * S
+    num_pred = S - first_masked
+    if PREDICT:  # the predicted tokens first, in position order
+        predicted = tl.where(in_row & (pos >= first_masked), 0, 1).to(tl.uint64)
+        ids_pred = (tl.sort((predicted << 32) | ids_shuffle.to(tl.uint64))
+                    & 0x7FFFFFFF).to(tl.int64)
     # NOTE: `while`, not `for t in range(frames)`: the interpreter of triton 3.6 turns a range
     # over a scalar argument (a 1-element array there) into int(), which NumPy >= 2.3 rejects.
     t = 0
@@ -126,9 +155,12 @@ def _masking_kernel(noise_ptr, draws_ptr, offsets_ptr, mask_ptr, ids_restore_ptr
         token = t * S + ids_shuffle
         rank = tl.where(keep, t * K + pos, frames * K + t * (S - K) + pos - K)
         tl.store(ids_restore_ptr + b * length + token, rank.to(tl.int64), mask=in_row)
-        tl.store(mask_ptr + b * length + token, (pos >= K).to(mask_ptr.dtype.element_ty),
-                 mask=in_row)
+        tl.store(mask_ptr + b * length + token,
+                 (pos >= first_masked).to(mask_ptr.dtype.element_ty), mask=in_row)
         tl.store(ids_keep_ptr + b * frames * K + t * K + pos, token, mask=keep)
+        if PREDICT:
+            tl.store(ids_pred_ptr + (b * frames + t) * num_pred + pos, t * S + ids_pred,
+                     mask=pos < num_pred)
         t += 1
 
 
@@ -158,6 +190,10 @@ def _spatial_order(noise, draws, offsets, S: int, len_keep: int, grid_w: int, st
                    & ((pos % grid_w) % param == offsets[:, 1:]))
         return torch.sort((~on_grid).to(torch.uint8), dim=1, stable=True).indices
     order = torch.sort(noise, dim=1, stable=True).indices
+    if strategy == UNITS:  # units in noise order, each unit's g*g positions row-major
+        g, h = param, S // grid_w
+        cells = torch.arange(S, device=noise.device).view(h // g, g, grid_w // g, g)
+        return cells.permute(0, 2, 1, 3).reshape(-1, g * g)[order].flatten(1)
     if strategy == BLOCK:
         covered = reference.block_cover(draws, (S // grid_w, grid_w), S - len_keep, param)
         covered = covered.gather(1, order)
@@ -167,7 +203,7 @@ def _spatial_order(noise, draws, offsets, S: int, len_keep: int, grid_w: int, st
 
 def _masking_cpu(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Tensor | None,
                  offsets: torch.Tensor | None, len_keep: int, frames: int, grid_w: int,
-                 strategy: int, param: int, mask_dtype: torch.dtype):
+                 strategy: int, param: int, mask_dtype: torch.dtype, num_predicted: int = -1):
     B, L, _ = x.shape
     S = L // frames
     order = _spatial_order(noise, draws, offsets, S, len_keep, grid_w, strategy, param)
@@ -177,20 +213,27 @@ def _masking_cpu(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Tenso
     ids_shuffle = torch.cat([kept, removed], dim=1)
     ranks = torch.arange(L, device=x.device).expand_as(ids_shuffle)
     ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, ranks)
-    mask = (ids_restore >= frames * len_keep).to(mask_dtype)
-    return gather_op(x, kept), mask, ids_restore, kept
+    if num_predicted < 0:
+        mask = (ids_restore >= frames * len_keep).to(mask_dtype)
+        ids_pred = ids_restore.new_empty(B, 0)
+    else:  # the last num_predicted of each frame's order, in position order
+        predicted = torch.sort(order[:, S - num_predicted:], dim=1).values
+        ids_pred = (predicted[:, None, :] + frame_starts).flatten(1)
+        mask = torch.zeros(B, L, dtype=mask_dtype, device=x.device).scatter_(1, ids_pred, 1)
+    return gather_op(x, kept), mask, ids_restore, kept, ids_pred
 
 
 def _masking_triton(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Tensor | None,
                     offsets: torch.Tensor | None, len_keep: int, frames: int, grid_w: int,
-                    strategy: int, param: int, mask_dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    strategy: int, param: int, mask_dtype: torch.dtype, num_predicted: int = -1
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
     B, L, D = x.shape
     S = L // frames
     if S > MAX_FUSED_L or (noise is not None and noise.dtype not in
                            (torch.float32, torch.float16, torch.bfloat16)):
         return _masking_cpu(x, noise, draws, offsets, len_keep, frames, grid_w, strategy, param,
-                            mask_dtype)
+                            mask_dtype, num_predicted)
     if x.stride(2) != 1:
         x = x.contiguous()
     if noise is not None and noise.stride(1) != 1:
@@ -200,8 +243,9 @@ def _masking_triton(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Te
     mask = torch.empty(B, L, dtype=mask_dtype, device=x.device)
     ids_restore = torch.empty(B, L, dtype=torch.int64, device=x.device)
     ids_keep = torch.empty(B, kept, dtype=torch.int64, device=x.device)
+    ids_pred = torch.empty(B, frames * max(num_predicted, 0), dtype=torch.int64, device=x.device)
     if B == 0:
-        return out, mask, ids_restore, ids_keep
+        return out, mask, ids_restore, ids_keep, ids_pred
     # the pointers a strategy does not read: any tensor of the launch
     noise_arg = noise if noise is not None else ids_restore
     draws_arg = draws.contiguous() if draws is not None else ids_restore
@@ -220,15 +264,17 @@ def _masking_triton(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Te
     # 8 keys a thread; the gather 40 (74 in fp32 with 8 warps; 4 warps: 168), no spills.
     with torch.cuda.device_of(x):
         wrap_triton(_masking_kernel)[(B,)](
-            noise_arg, draws_arg, offsets_arg, mask, ids_restore, ids_keep, S, len_keep, frames,
-            grid_w, S, S - len_keep, param, noise_arg.stride(0), STRATEGY=strategy,
-            BLOCK_L=block_l, num_warps=min(16, max(4, block_l // 256)),
+            noise_arg, draws_arg, offsets_arg, mask, ids_restore, ids_keep, ids_pred, S,
+            len_keep, S - num_predicted if num_predicted >= 0 else len_keep, frames, grid_w, S,
+            S - len_keep, param, noise_arg.stride(0), STRATEGY=strategy,
+            PREDICT=num_predicted >= 0, BLOCK_L=block_l,
+            num_warps=min(16, max(4, block_l // 256)),
         )
         wrap_triton(_gather_kept_kernel)[gather_grid](
             x, ids_keep, out, kept, D, x.stride(0), x.stride(1), BLOCK_R=block_r,
             BLOCK_D=block_d, D_TILES=d_tiles, num_warps=8,
         )
-    return out, mask, ids_restore, ids_keep
+    return out, mask, ids_restore, ids_keep, ids_pred
 
 
 masking_op = device_op("masking", _masking_triton, _masking_cpu)
@@ -239,10 +285,11 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[3])
 
 
-def _backward(ctx, grad_x_masked, _grad_mask, _grad_ids_restore, _grad_ids_keep):
+def _backward(ctx, grad_x_masked, _grad_mask, _grad_ids_restore, _grad_ids_keep,
+              _grad_ids_pred):
     (ids_keep,) = ctx.saved_tensors
     grad = scatter_op(grad_x_masked.contiguous(), ids_keep, ctx.length)
-    return grad, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None
 
 
 masking_op.register_autograd(_backward, setup_context=_setup)
@@ -324,7 +371,8 @@ def random_masking_with_ids(x: torch.Tensor, mask_ratio: float,
     noise = _noise(noise, x, (B, L))
     if USE_REFERENCE:
         return _with_ids_keep(reference.random_masking(x, mask_ratio, noise))
-    return masking_op(x, noise, None, None, len_keep, 1, 1, RANDOM, 0, torch.get_default_dtype())
+    return masking_op(x, noise, None, None, len_keep, 1, 1, RANDOM, 0,
+                      torch.get_default_dtype())[:4]
 
 
 def tube_masking(x: torch.Tensor, mask_ratio: float, frames: int,
@@ -355,7 +403,7 @@ def tube_masking_with_ids(x: torch.Tensor, mask_ratio: float, frames: int,
     if USE_REFERENCE:
         return _with_ids_keep(reference.tube_masking(x, mask_ratio, frames, noise))
     return masking_op(x, noise, None, None, len_keep, frames, 1, RANDOM, 0,
-                      torch.get_default_dtype())
+                      torch.get_default_dtype())[:4]
 
 
 def block_masking(x: torch.Tensor, mask_ratio: float, grid: tuple[int, int],
@@ -395,7 +443,7 @@ def block_masking_with_ids(x: torch.Tensor, mask_ratio: float, grid: tuple[int, 
                                                       aspect_ratio))
     order_noise, draws = reference.block_draws(noise, aspect_ratio)
     return masking_op(x, order_noise, draws, None, len_keep, 1, grid_w, BLOCK, min_patches,
-                      torch.get_default_dtype())
+                      torch.get_default_dtype())[:4]
 
 
 def grid_masking(x: torch.Tensor, grid: tuple[int, int], keep_every: int = 2, offset=None):
@@ -424,7 +472,7 @@ def grid_masking_with_ids(x: torch.Tensor, grid: tuple[int, int], keep_every: in
     if USE_REFERENCE:
         return _with_ids_keep(reference.grid_masking(x, grid, keep_every, offsets))
     return masking_op(x, None, None, offsets, len_keep, 1, grid_w, GRID, keep_every,
-                      torch.get_default_dtype())
+                      torch.get_default_dtype())[:4]
 
 
 def _grid_offsets(offset, batch: int, keep_every: int, device) -> torch.Tensor:
@@ -448,4 +496,108 @@ def _grid_offsets(offset, batch: int, keep_every: int, device) -> torch.Tensor:
     if not all(0 <= o < keep_every for o in offset):
         raise ValueError(f"offset entries must lie in [0, keep_every={keep_every}), got "
                          f"{list(offset)}")
-    return torch.tensor(offset, dtype=torch.int64, device=device).expand(batch, 2).contiguous()
+    # filled on the device: torch.tensor(offset, device="cuda") would copy from pageable host
+    # memory, a host-device sync in every training step
+    offsets = torch.full((batch, 2), offset[0], dtype=torch.int64, device=device)
+    offsets[:, 1].fill_(offset[1])
+    return offsets
+
+
+def _patch_grid(grid, num_tokens: int) -> tuple[int, int]:
+    """The (rows, columns) of x's tokens: `grid`, or the square grid the upstream code assumes."""
+    if grid is not None:
+        return _grid(grid, num_tokens)
+    side = round(num_tokens**0.5)
+    if side * side != num_tokens:
+        raise ValueError(f"x has {num_tokens} tokens, not a square grid: pass grid (rows, "
+                         "columns)")
+    return side, side
+
+
+def predicted_count(num_tokens: int, mask_ratio, predict_ratio, len_keep: int,
+                    name: str = "predict_ratio") -> int:
+    """CrossMAE's predicted tokens: L - len_keep - int(L * (mask_ratio - kept_mask_ratio)),
+    checked to be at least one and to leave the kept tokens alone."""
+    ratio = _checks.real_number(name, predict_ratio)
+    if not 0.0 < ratio <= float(mask_ratio):
+        raise ValueError(f"{name} must lie in (0, mask_ratio={mask_ratio}]: the share of all "
+                         f"tokens that are masked and predicted, got {predict_ratio}")
+    count = num_tokens - len_keep - int(num_tokens * (mask_ratio - predict_ratio))
+    if count < 1:
+        raise ValueError(f"{name} {predict_ratio} predicts no token of {num_tokens}")
+    return count
+
+
+def masking_with_ids(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None, *,
+                     mask_grid: int = 1, grid: tuple[int, int] | None = None,
+                     predict_ratio: float | None = None):
+    """Random masking of `mask_grid` x `mask_grid` units of patches (Pixio; 1: MAE's tokens),
+    optionally split three ways (CrossMAE's `kept_mask_ratio` as `predict_ratio`: the share of
+    all tokens masked and predicted; the mask then marks those only).
+
+    x: (B, L, D) on a grid of patches (`grid`, or square). noise: (B, units) (default
+    torch.rand), units = L / mask_grid**2. The counts are the upstream codes' over units:
+    int(units * (1 - mask_ratio)) kept; with predict_ratio, units - kept - int(units *
+    (mask_ratio - predict_ratio)) predicted. Returns (x_masked, mask, ids_restore, ids_keep,
+    ids_pred): ids_pred (B, predicted patches) in position order, (B, 0) without
+    predict_ratio."""
+    return _unit_masking(x, mask_ratio, noise, mask_grid, grid, predict_ratio, "predict_ratio")
+
+
+def _unit_masking(x, mask_ratio, noise, mask_grid: int, grid, predict_ratio,
+                  predict_name: str):
+    _checks.tensor("x", x, 3, floating=True)
+    B, L, _ = x.shape
+    g = _checks.integer("mask_grid", mask_grid, 1)
+    grid_h, grid_w = _patch_grid(grid, L) if g > 1 or grid is not None else (1, L)
+    if grid_h % g or grid_w % g:
+        raise ValueError(f"mask_grid {g} must divide both sides of the {grid_h}x{grid_w} grid "
+                         "of patches")
+    units = L // g**2
+    keep_units = keep_count(units, mask_ratio)
+    predict_units = -1 if predict_ratio is None else predicted_count(
+        units, mask_ratio, predict_ratio, keep_units, predict_name)
+    noise = _noise(noise, x, (B, units))
+    num_predicted = predict_units * g**2 if predict_units >= 0 else -1
+    if USE_REFERENCE:
+        if predict_ratio is not None and g == 1:
+            masked = reference.crossmae_masking(x, mask_ratio, predict_ratio, noise)
+        else:
+            masked = reference.pixio_masking(x, mask_ratio, g, noise, (grid_h, grid_w))
+        return _with_predicted(_with_ids_keep(masked), num_predicted)
+    strategy, param = (UNITS, g) if g > 1 else (RANDOM, 0)
+    return masking_op(x, noise, None, None, keep_units * g**2, 1, grid_w, strategy, param,
+                      torch.get_default_dtype(), num_predicted)
+
+
+def _with_predicted(masked, num_predicted: int):
+    """A reference masking's outputs with ids_keep, plus ids_pred: the last num_predicted of
+    the order, in position order (mask 1 there only); (B, 0) when num_predicted < 0."""
+    x_masked, mask, ids_restore, ids_keep = masked
+    B, L = ids_restore.shape
+    if num_predicted < 0:
+        return x_masked, mask, ids_restore, ids_keep, ids_restore.new_empty(B, 0)
+    ids_pred = torch.sort(torch.argsort(ids_restore, dim=1)[:, L - num_predicted:], dim=1).values
+    mask = torch.zeros_like(mask).scatter_(1, ids_pred, 1)
+    return x_masked, mask, ids_restore, ids_keep, ids_pred
+
+
+def pixio_masking(x: torch.Tensor, mask_ratio: float, mask_grid: int = 4,
+                  noise: torch.Tensor | None = None, grid: tuple[int, int] | None = None):
+    """Drop-in for Pixio's `PixioViT.random_masking(x, mask_ratio, grid)`: random masking of
+    mask_grid x mask_grid units of patches (Pixio: 4x4).
+
+    x: (B, L, D) on a square grid of patches (or `grid` (rows, columns)), both sides divisible
+    by mask_grid. noise: (B, L / mask_grid**2), one value per unit (default torch.rand, as Pixio
+    draws it). Returns (x_masked, mask, ids_restore) as Pixio's: each kept unit's patches
+    row-major, units in ascending noise order (ties to the lower unit)."""
+    return masking_with_ids(x, mask_ratio, noise, mask_grid=mask_grid, grid=grid)[:3]
+
+
+def crossmae_masking(x: torch.Tensor, mask_ratio: float, kept_mask_ratio: float,
+                     noise: torch.Tensor | None = None):
+    """Drop-in for CrossMAE's `random_masking(x, mask_ratio, kept_mask_ratio)`: the tokens in
+    noise order split three ways, int(L * (1 - mask_ratio)) kept, int(L * (mask_ratio -
+    kept_mask_ratio)) masked and not predicted, the rest predicted. Returns (x_masked, mask,
+    ids_restore) with mask 1 on the predicted tokens only, as CrossMAE's."""
+    return _unit_masking(x, mask_ratio, noise, 1, None, kept_mask_ratio, "kept_mask_ratio")[:3]

@@ -21,8 +21,12 @@ __all__ = [
     "block_draws",
     "block_cover",
     "grid_masking",
+    "pixio_masking",
+    "crossmae_masking",
     "unshuffle",
+    "decoder_queries",
     "mae_loss",
+    "predicted_loss",
     "norm_pix_stats",
     "norm_pix",
     "hog_targets",
@@ -91,6 +95,67 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)
     return x_masked, mask, ids_restore
+
+
+def pixio_masking(x: torch.Tensor, mask_ratio: float, mask_grid: int,
+                  noise: torch.Tensor | None = None, grid: tuple[int, int] | None = None):
+    """Pixio's `random_masking` (facebookresearch/pixio pretraining/models_pixio.py, commit
+    b83555d): random masking of mask_grid x mask_grid units of patches. The units (row-major
+    over the grid of units) are ordered by noise (B, units) and the first
+    int(units * (1 - mask_ratio)) kept; x_masked holds each kept unit's patches row-major, unit
+    after unit. `grid` (rows, columns) of patches: Pixio's square grid when None."""
+    N, L, D = x.shape
+    H, W = grid if grid is not None else (int(L**0.5),) * 2
+    g = mask_grid
+    num_units = (H // g) * (W // g)
+    len_keep = int(num_units * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(N, num_units, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    ids_keep = ids_shuffle[:, :len_keep]
+    ids_masked = ids_shuffle[:, len_keep:]
+    patch_grid = torch.arange(H * W, device=x.device).view(1, H, W)
+    patch_grid = patch_grid.unfold(1, g, g).unfold(2, g, g)
+    patch_grid = patch_grid.contiguous().view(1, -1, g, g)
+    ids_keep_expanded = patch_grid[:, ids_keep].view(N, -1)
+    ids_masked_expanded = patch_grid[:, ids_masked].view(N, -1)
+    x_masked = torch.gather(x, dim=1, index=ids_keep_expanded.unsqueeze(-1).repeat(1, 1, D))
+    ids_restore = torch.cat((ids_keep_expanded, ids_masked_expanded), dim=1)
+    ids_restore = torch.argsort(ids_restore, dim=1)
+    mask = torch.ones([N, H * W], device=x.device)
+    mask[:, :len_keep * g**2] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked, mask, ids_restore
+
+
+def crossmae_masking(x: torch.Tensor, mask_ratio: float, kept_mask_ratio: float,
+                     noise: torch.Tensor | None = None):
+    """CrossMAE's `random_masking` (TonyLianLong/CrossMAE models_cross.py, commit ed0677a): the
+    tokens split three ways by noise order: int(L * (1 - mask_ratio)) kept, the next
+    int(L * (mask_ratio - kept_mask_ratio)) masked and not predicted, the rest masked and
+    predicted. `mask` is 1 on the predicted tokens only."""
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    len_masked = int(L * (mask_ratio - kept_mask_ratio))
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :(len_keep + len_masked)] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked, mask, ids_restore
+
+
+def decoder_queries(mask_token: torch.Tensor, pos_embed: torch.Tensor, ids_pred: torch.Tensor,
+                    num_prefix_tokens: int = 1) -> torch.Tensor:
+    """The cross-attention decoder's queries (CrossMAE's `mask_tokens_grid`): the decoder
+    position embedding (1, P+L, D) of each predicted patch ids_pred (B, N), plus the mask
+    token; in position order, CrossMAE's masked_select takes the rows the same way."""
+    return gather_tokens(pos_embed[:, num_prefix_tokens:].expand(ids_pred.shape[0], -1, -1),
+                         ids_pred) + mask_token
 
 
 def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
@@ -191,6 +256,21 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
     dtype = loss_dtype(imgs, pred)
     target = loss_targets(imgs, patch_size, norm_pix_loss, dtype, tubelet_size, mean, std)
     return masked_mse(pred, target, mask, dtype)
+
+
+def predicted_loss(imgs: torch.Tensor, pred: torch.Tensor, ids_pred: torch.Tensor,
+                   patch_size: int, norm_pix_loss: bool = True,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss over the predicted patches only (CrossMAE's `forward_loss`): pred (B, N, E)
+    predicts patches ids_pred (B, N); each target patch normalised as MAE's (norm_pix), the
+    mean over each patch of the squared error, then the mean over the N patches of every
+    sample (weighted by `weights` (B, N) where given), in float32."""
+    dtype = loss_dtype(imgs, pred)
+    target = gather_tokens(patchify(imgs, patch_size).to(dtype), ids_pred)
+    if norm_pix_loss:
+        target = norm_pix(target)
+    weights = torch.ones(ids_pred.shape, device=pred.device) if weights is None else weights
+    return masked_mse(pred, target, weights, dtype)
 
 
 HOG_NORM_EPS = 1.0e-12  # F.normalize's floor on the norm

@@ -6,7 +6,7 @@ from collections import Counter
 
 import torch
 
-from mae_kernels import augment, hog, loss, masking, patches, tokens, unshuffling
+from mae_kernels import augment, hog, loss, masking, patches, queries, tokens, unshuffling
 from mae_kernels._library import HAS_TRITON
 
 # The ops with a Triton launcher (their default kernel) and a CPU kernel.
@@ -20,8 +20,10 @@ DEVICE_OPS = {
     "unpatchify": patches.unpatchify_op,
     "hog_targets": hog.hog_op,
     "resized_crop": augment.resized_crop_op,
+    "decoder_queries": queries.queries_op,
+    "decoder_queries_backward": queries.queries_backward_op,
 }
-KERNELS = {name: kernel for module in (masking, unshuffling, loss, patches, hog, augment)
+KERNELS = {name: kernel for module in (masking, unshuffling, loss, patches, hog, augment, queries)
            for name, kernel in vars(module).items() if name.endswith("_kernel")}
 # "cpu": the dispatcher's CPU kernels (PyTorch + the C++ extension); "triton": the Triton
 # launchers on CPU tensors, through the interpreter.

@@ -9,6 +9,7 @@ the same pass. `use_kernels=False` runs the official sequence on the reference o
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import NamedTuple
 
@@ -75,6 +76,16 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (timm's DropPath): in training, each sample's branch is dropped with
+    probability `rate` and the kept ones scaled by 1 / (1 - rate)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    kept = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * kept.div_(keep)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with timm's parameter names."""
 
@@ -82,13 +93,14 @@ class Block(nn.Module):
     grad_checkpointing = False
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_layer,
-                 mlp_dim: int | None = None):
+                 mlp_dim: int | None = None, drop_path_rate: float = 0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads)
         self.norm2 = norm_layer(dim)
         # ViT-g/G's MLP widths (6144, 8192) are no integer multiple of their width
         self.mlp = Mlp(dim, mlp_dim or int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate  # stochastic depth (Pixio's encoder: up to 0.4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -98,8 +110,9 @@ class Block(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        rate = self.drop_path_rate
+        x = x + drop_path(self.attn(self.norm1(x)), rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), rate, self.training)
 
 
 def run_decoder(model, x: torch.Tensor, ids_restore: torch.Tensor,
@@ -139,18 +152,28 @@ def global_pool(tokens: torch.Tensor) -> torch.Tensor:
 
 class MaskedAutoencoderViT(nn.Module):
     """Masked Autoencoder with a ViT backbone; `forward(imgs, mask_ratio, noise)` returns
-    (loss, pred, mask) as the official model does."""
+    (loss, pred, mask) as the official model does.
+
+    Pixio (facebookresearch/pixio pretraining/models_pixio.py `PixioViT`, same parameter names)
+    is this model with `n_cls_tokens` class tokens (Pixio: 8), random masking in `mask_grid` x
+    `mask_grid` units of patches (Pixio: 4), learned position embeddings initialised as
+    Pixio's (`learned_pos_embed`: truncated normal, std 0.02) and stochastic depth in the
+    encoder (`drop_path`, linearly up to it over the blocks, as Pixio)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),  # noqa: B008 (official)
                  norm_pix_loss=False,
-                 use_kernels=True, mask_type="random", target="pixel", mlp_dim=None):
+                 use_kernels=True, mask_type="random", target="pixel", mlp_dim=None,
+                 n_cls_tokens=1, mask_grid=1, learned_pos_embed=False, drop_path=0.0):
         """`mlp_dim`: the encoder's MLP width where it is no integer multiple of embed_dim
         (ViT-g/14's 6144); the decoder's is decoder_embed_dim * mlp_ratio."""
         super().__init__()
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if mask_grid != 1 and mask_type != "random":
+            raise ValueError(f"mask_grid {mask_grid} masks random units of patches: it needs "
+                             f"mask_type 'random', got {mask_type!r}")
         if target not in TARGETS or (target == "hog" and patch_size % HOG_CELL):
             raise ValueError(f"target must be one of {TARGETS} (hog: with a patch_size divisible "
                              f"by {HOG_CELL}), got {target!r} with patch_size {patch_size}")
@@ -161,23 +184,30 @@ class MaskedAutoencoderViT(nn.Module):
         self.in_chans = in_chans
         self.grid_size = self.patch_embed.grid_size
         num_patches = self.patch_embed.num_patches
+        if any(side % mask_grid for side in self.grid_size):
+            raise ValueError(f"mask_grid {mask_grid} must divide both sides of the "
+                             f"{self.grid_size[0]}x{self.grid_size[1]} grid of patches")
+        self.n_cls_tokens, self.mask_grid = n_cls_tokens, mask_grid
+        self.learned_pos_embed = learned_pos_embed
+        P = n_cls_tokens
 
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim),
-                                      requires_grad=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, P, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + P, embed_dim),
+                                      requires_grad=learned_pos_embed)
+        # Pixio's np.linspace(0, drop_path, depth), on the host (models are built on meta too)
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, norm_layer, mlp_dim) for _ in range(depth)]
+            [Block(embed_dim, num_heads, mlp_ratio, norm_layer, mlp_dim, rate) for rate in rates]
         )
         self.norm = norm_layer(embed_dim)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
-                                              requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_layer)
-             for _ in range(decoder_depth)]
-        )
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + P, decoder_embed_dim),
+                                              requires_grad=learned_pos_embed)
+        self.decoder_blocks = self.build_decoder_blocks(embed_dim, decoder_embed_dim,
+                                                        decoder_depth, decoder_num_heads,
+                                                        mlp_ratio, norm_layer)
         self.decoder_norm = norm_layer(decoder_embed_dim)
         # pixels, or HOG features: in_chans * cells * bins per patch
         out = (in_chans * (patch_size // HOG_CELL) ** 2 * HOG_BINS if target == "hog"
@@ -188,13 +218,27 @@ class MaskedAutoencoderViT(nn.Module):
         self.use_kernels = use_kernels
         self.initialize_weights()
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.n_cls_tokens
+
+    def build_decoder_blocks(self, embed_dim, decoder_dim, depth, num_heads, mlp_ratio,
+                             norm_layer) -> nn.ModuleList:
+        """MAE's decoder blocks: self-attention over every token (CrossMAE overrides it)."""
+        return nn.ModuleList([Block(decoder_dim, num_heads, mlp_ratio, norm_layer)
+                              for _ in range(depth)])
+
     def initialize_weights(self):
-        """The official initialisation: fixed sin-cos tables, xavier-uniform linear layers (and
+        """The official initialisation: fixed sin-cos tables (zero rows for the cls tokens), or
+        Pixio's truncated normal (std 0.02) for learned ones; xavier-uniform linear layers (and
         the patch projection viewed as one), N(0, 0.02) cls and mask tokens."""
-        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], self.grid_size, True)[None])
-        self.decoder_pos_embed.data.copy_(
-            sincos_2d(self.decoder_pos_embed.shape[-1], self.grid_size, True)[None]
-        )
+        for table in (self.pos_embed, self.decoder_pos_embed):
+            if self.learned_pos_embed:
+                nn.init.trunc_normal_(table, std=0.02)
+            else:
+                prefix = torch.zeros(self.n_cls_tokens, table.shape[-1])
+                table.data.copy_(torch.cat([prefix, sincos_2d(table.shape[-1],
+                                                              self.grid_size)])[None])
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -220,14 +264,17 @@ class MaskedAutoencoderViT(nn.Module):
         return ops.unpatchify(x, self.patch_size, self.grid_size, self.in_chans)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise=None):
-        """(x_masked, mask, ids_restore) by the model's mask_type: the official random masking,
-        BEiT's blocks or the paper's grid (noise as each op takes it; grid uses none)."""
+        """(x_masked, mask, ids_restore) by the model's mask_type: the official random masking
+        (in mask_grid x mask_grid units: Pixio's), BEiT's blocks or the paper's grid (noise as
+        each op takes it; grid uses none)."""
         if self.use_kernels:
             return self.masking_with_ids(x, mask_ratio, noise)[:3]
         if self.mask_type == "block":
             return reference.block_masking(x, mask_ratio, self.grid_size, noise)
         if self.mask_type == "grid":
             return reference.grid_masking(x, self.grid_size, grid_keep_every(mask_ratio))
+        if self.mask_grid > 1:
+            return reference.pixio_masking(x, mask_ratio, self.mask_grid, noise, self.grid_size)
         return reference.random_masking(x, mask_ratio, noise)
 
     def masking_with_ids(self, x: torch.Tensor, mask_ratio: float, noise=None):
@@ -237,11 +284,16 @@ class MaskedAutoencoderViT(nn.Module):
             return ops.block_masking_with_ids(x, mask_ratio, self.grid_size, noise)
         if self.mask_type == "grid":
             return ops.grid_masking_with_ids(x, self.grid_size, grid_keep_every(mask_ratio))
+        if self.mask_grid > 1:
+            return ops.masking_with_ids(x, mask_ratio, noise, mask_grid=self.mask_grid,
+                                        grid=self.grid_size)[:4]
         return ops.random_masking_with_ids(x, mask_ratio, noise)
 
     def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Noise of the shape `forward(..., noise=)` takes for this mask_type (on the CPU)."""
-        shape = (batch, self.patch_embed.num_patches) + ((5,) if self.mask_type == "block" else ())
+        """Noise of the shape `forward(..., noise=)` takes for this mask_type (on the CPU): one
+        value per token, or per mask_grid x mask_grid unit."""
+        shape = ((batch, self.patch_embed.num_patches // self.mask_grid**2)
+                 + ((5,) if self.mask_type == "block" else ()))
         return torch.rand(shape, generator=generator)
 
     def _check_imgs(self, imgs: torch.Tensor) -> None:
@@ -254,23 +306,29 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise=None):
         self._check_imgs(imgs)
+        P = self.n_cls_tokens
         if self.use_kernels:
             # Mask the pixels, then embed only the kept patches.
             patches, mask, ids_restore, ids_keep = self.masking_with_ids(
                 self.patchify(imgs), mask_ratio, noise
             )
-            x = self.patch_embed.embed_patches(patches) + self.pos_embed[0, 1:][ids_keep]
+            x = self.patch_embed.embed_patches(patches) + self.pos_embed[0, P:][ids_keep]
         else:
-            x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+            x = self.patch_embed(imgs) + self.pos_embed[:, P:, :]
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat((cls.to(x.dtype), x), dim=1)
+        x = self._with_cls_tokens(x)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
+    def _with_cls_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The cls tokens (with their position embedding) before the patch tokens x."""
+        P = self.n_cls_tokens
+        cls = (self.cls_token + self.pos_embed[:, :P, :]).expand(x.shape[0], -1, -1)
+        return torch.cat((cls.to(x.dtype), x), dim=1)
+
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        return run_decoder(self, x, ids_restore, num_prefix_tokens=1)
+        return run_decoder(self, x, ids_restore, num_prefix_tokens=self.n_cls_tokens)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
@@ -292,14 +350,19 @@ class MaskedAutoencoderViT(nn.Module):
         return self.predict(imgs, mask_ratio, noise)
 
     def encode(self, imgs: torch.Tensor) -> Features:
-        """All patches, no masking: the features a linear probe or fine-tuning starts from."""
+        """All patches, no masking: the features a linear probe or fine-tuning starts from
+        (several cls tokens, Pixio's: their mean, as Pixio's k-NN evaluation takes them)."""
         self._check_imgs(imgs)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat((cls.to(x.dtype), x), dim=1)
+        P = self.n_cls_tokens
+        x = self._with_cls_tokens(self.patch_embed(imgs) + self.pos_embed[:, P:, :])
         for blk in self.blocks:
             x = blk(x)
-        return Features(cls_token=self.norm(x)[:, 0], patch_mean=global_pool(x[:, 1:]))
+        return Features(cls_token=self.final_norm(x)[:, :P].mean(dim=1),
+                        patch_mean=global_pool(x[:, P:]))
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's last LayerNorm."""
+        return self.norm(x)
 
 
 # Named models as config dicts (the keys of `MAE`); the official ones are models_mae.py's.
@@ -329,13 +392,27 @@ DEFAULT_CONFIG = {
     "mask_ratio": 0.75, "norm_pix_loss": False, "use_kernels": True,
     "mask_type": "random",  # or "block" (BEiT's rectangles), "grid" (the paper's regular grid)
     "target": "pixel",  # or "hog": MaskFeat's HOG features of the masked patches
+    # Pixio (docs/decoders.md): cls tokens, masking units of mask_grid x mask_grid patches,
+    # position embeddings "sincos" (fixed, MAE's) or "learned" (Pixio's), encoder drop path
+    "n_cls_tokens": 1, "mask_grid": 1, "pos_embed": "sincos", "drop_path": 0.0,
+    # the decoder: "mae" (self-attention over every token) or "cross" (CrossMAE: the queries of
+    # the predicted patches cross-attend to the encoder); CrossMAE's options: predict_ratio (its
+    # kept_mask_ratio: the share of all patches predicted; None: every masked one), weight_fm
+    # (each decoder block reads its own weighted sum of encoder blocks' features), use_fm
+    # (those blocks; None: all), use_input (the encoder's input too), self_attn
+    "decoder": "mae", "predict_ratio": None, "weight_fm": False, "use_fm": None,
+    "use_input": False, "self_attn": False,
 }
+CROSS_KEYS = ("predict_ratio", "weight_fm", "use_fm", "use_input", "self_attn")
+DECODERS = ("mae", "cross")
+POS_EMBEDS = ("sincos", "learned")
 TARGETS = ("pixel", "hog")
 HOG_CELL, HOG_BINS = 8, 9  # mae_kernels.hog_targets' defaults: 8x8 cells, 9 orientations
 MASK_TYPES = ("random", "block", "grid")
 # A config with either key is a video model (.video.VideoMAE): VideoMAE's defaults, 16 frames in
-# tubelets of 2, tube masking at 90%.
-VIDEO_CONFIG = {"num_frames": 16, "tubelet_size": 2, "mask_ratio": 0.9, "mask_type": "tube"}
+# tubelets of 2, tube masking at 90%, no cls token.
+VIDEO_CONFIG = {"num_frames": 16, "tubelet_size": 2, "mask_ratio": 0.9, "mask_type": "tube",
+                "n_cls_tokens": 0}
 
 
 def is_video(config: dict) -> bool:
@@ -419,7 +496,62 @@ def resolve_config(config: dict) -> dict:
                          f"{config['mask_type']!r}")
     if config["mask_type"] == "grid":
         grid_keep_every(ratio)
+    _check_decoder_side(config, video)
     return config
+
+
+def _check_decoder_side(config: dict, video: bool) -> None:
+    """The Pixio and CrossMAE keys of a config (see DEFAULT_CONFIG)."""
+    least = {"n_cls_tokens": 0 if video else 1, "mask_grid": 1}
+    for key, low in least.items():
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"config[{key!r}] must be an integer >= {low}, got {value!r}")
+    rate = config["drop_path"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"config['drop_path'] must be in [0, 1), got {rate!r}")
+    for key, allowed in (("pos_embed", POS_EMBEDS), ("decoder", DECODERS)):
+        if config[key] not in allowed:
+            raise ValueError(f"config[{key!r}] must be one of {allowed}, got {config[key]!r}")
+    if video and (config["mask_grid"] != 1 or config["decoder"] != "mae"
+                  or config["n_cls_tokens"] or config["pos_embed"] != "sincos"
+                  or config["drop_path"]):
+        raise ValueError("VideoMAE configs take no Pixio or CrossMAE keys (n_cls_tokens, "
+                         "mask_grid, pos_embed, drop_path, decoder)")
+    side = [s // config["patch_size"] for s in _pair(config["img_size"])]
+    if config["mask_grid"] > 1:
+        if config["mask_type"] != "random":
+            raise ValueError(f"config['mask_grid'] {config['mask_grid']} masks random units: it "
+                             f"needs mask_type 'random', got {config['mask_type']!r}")
+        if any(n % config["mask_grid"] for n in side):
+            raise ValueError(f"config['mask_grid'] {config['mask_grid']} must divide both sides "
+                             f"of the {side[0]}x{side[1]} grid of patches")
+    if config["decoder"] == "mae":
+        given = [k for k in CROSS_KEYS if config[k] != DEFAULT_CONFIG[k]]
+        if given:
+            raise ValueError(f"config[{given[0]!r}] is CrossMAE's: it needs decoder 'cross'")
+        return
+    if config["mask_type"] != "random" or config["target"] != "pixel":
+        raise ValueError("decoder 'cross' predicts pixels of randomly masked patches (CrossMAE): "
+                         "mask_type 'random', target 'pixel'")
+    ratio = config["predict_ratio"]
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not 0 < ratio <= config["mask_ratio"]):
+        raise ValueError(f"config['predict_ratio'] must be in (0, mask_ratio="
+                         f"{config['mask_ratio']}] or None, got {ratio!r}")
+    for key in ("weight_fm", "use_input", "self_attn"):
+        if not isinstance(config[key], bool):
+            raise ValueError(f"config[{key!r}] must be True or False, got {config[key]!r}")
+    use_fm, depth = config["use_fm"], config["encoder_layers"]
+    if use_fm is not None and (
+            not isinstance(use_fm, list) or not use_fm
+            or not all(isinstance(i, int) and not isinstance(i, bool) and -depth <= i < depth
+                       for i in use_fm)):
+        raise ValueError(f"config['use_fm'] must be None (every block) or a list of encoder "
+                         f"block indices in [-{depth}, {depth}), got {use_fm!r}")
+    if use_fm is not None and not config["weight_fm"]:
+        raise ValueError("config['use_fm'] selects the blocks weight_fm weighs: it needs "
+                         "weight_fm True")
 
 
 def config_of(name: str, **overrides) -> dict:
@@ -438,21 +570,26 @@ def _official_kwargs(config: dict) -> dict:
                 decoder_num_heads=config["decoder_heads"], mlp_ratio=config["mlp_ratio"],
                 norm_pix_loss=config["norm_pix_loss"], use_kernels=config["use_kernels"],
                 mask_type=config["mask_type"], target=config["target"],
-                mlp_dim=config["encoder_mlp_dim"])
+                mlp_dim=config["encoder_mlp_dim"], n_cls_tokens=config["n_cls_tokens"],
+                mask_grid=config["mask_grid"],
+                learned_pos_embed=config["pos_embed"] == "learned",
+                drop_path=config["drop_path"])
 
 
+@dataclasses.dataclass(eq=False)
 class Output:
     """What `MAE(...)(images)` returns: `loss, reconstructed, mask = model(images)`, or read by
     name. `reconstructed` (B, C, H, W), the prediction of every patch as an image, is made from
     the prediction when first read, so a training step that reads only `loss` never
-    unpatchifies; `mask` (B, L) is 1 where masked."""
+    unpatchifies; `mask` (B, L) is 1 where masked. A dataclass and a pytree node, so that FSDP2
+    finds its tensors (its root hooks its pre-backward, the backward prefetch, on them)."""
 
-    __slots__ = ("loss", "mask", "_pred", "_to_image", "_reconstructed")
-
-    def __init__(self, loss: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                 to_image=None):
-        self.loss, self.mask = loss, mask
-        self._pred, self._to_image, self._reconstructed = pred, to_image, None
+    loss: torch.Tensor
+    _pred: torch.Tensor = dataclasses.field(repr=False)
+    mask: torch.Tensor
+    _to_image: object = dataclasses.field(default=None, repr=False)
+    _reconstructed: torch.Tensor | None = dataclasses.field(default=None, init=False,
+                                                            repr=False)
 
     @property
     def reconstructed(self) -> torch.Tensor:
@@ -473,6 +610,13 @@ class Output:
         return tuple(self)[index]
 
 
+# torch before 2.13 finds a module's output tensors with tree_flatten (2.13 on: dataclasses too)
+torch.utils._pytree.register_pytree_node(
+    Output, lambda out: ([out.loss, out._pred, out.mask], out._to_image),
+    lambda tensors, to_image: Output(*tensors, to_image),
+    serialized_type_name=f"{__name__}.Output")
+
+
 class MAE(MaskedAutoencoderViT):
     """The config-dict interface: `MAE({"img_size": 224, "patch_size": 16, ...})`, keys as in
     DEFAULT_CONFIG. `model(images)` returns `(loss, reconstructed, mask)` with `reconstructed`
@@ -488,9 +632,14 @@ class MAE(MaskedAutoencoderViT):
     features on the masked patches, and `reconstructed` the predicted features (B, L, F), as
     it is for config["target"] "hog"."""
 
+    DECODER = "mae"  # the config["decoder"] this class builds
+
     def __init__(self, config: dict | None = None, feature_target=None,
                  feature_dim: int | None = None, **overrides):
         config = resolve_config({**(config or {}), **overrides})
+        if config["decoder"] != self.DECODER:
+            raise ValueError(f"config['decoder'] {config['decoder']!r}: build it with "
+                             f"mae.models.build_model (CrossMAE for 'cross')")
         super().__init__(**_official_kwargs(config))
         self.config = config
         self.mask_ratio = config["mask_ratio"]
