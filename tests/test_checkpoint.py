@@ -168,10 +168,10 @@ def test_resume_auto_with_no_checkpoint_that_loads_is_an_error(run, capsys):
 def test_after_a_resume_the_log_holds_each_epoch_once(run_dir, tmp_path, monkeypatch):
     real_save = pretrain_module.save_epoch
 
-    def killed_saving_epoch_one(args, model, optimizer, scaler, epoch, steps):
+    def killed_saving_epoch_one(args, model, optimizer, scaler, epoch, *rest):
         if epoch == 1:
             raise KeyboardInterrupt  # after epoch 1 was logged, before it was saved
-        real_save(args, model, optimizer, scaler, epoch, steps)
+        real_save(args, model, optimizer, scaler, epoch, *rest)
 
     monkeypatch.setattr(pretrain_module, "save_epoch", killed_saving_epoch_one)
     with pytest.raises(KeyboardInterrupt):

@@ -3,11 +3,13 @@
 Writing: to a temporary file in the same folder, flushed to disk, then renamed over the old one,
 so a kill mid-write leaves the previous checkpoint intact. Each run keeps the official cadence
 (`checkpoint-<epoch>.pth` every `--save-every` epochs and at the last) plus one rolling
-`checkpoint-last.pth`, rewritten every epoch, that `--resume auto` continues from. An `--fsdp`
-run writes the same names as sharded directories (`checkpoint-<epoch>/`, .sharded), which
+`checkpoint-last.pth`, rewritten every epoch, that `--resume auto` continues from; a numbered
+one is a hard link of that epoch's checkpoint-last (serialised once). An `--fsdp` run writes
+the same names as sharded directories (`checkpoint-<epoch>/`, .sharded), which
 `load_checkpoint` reads consolidated.
 
-Reading: `torch.load(weights_only=True)`, which unpickles tensors, plain containers and the
+Reading: `torch.load(weights_only=True)`, memory-mapped (the tensors are read from the file
+as they are used), which unpickles tensors, plain containers and the
 classes allowed below, and nothing that could execute code. Allowed beyond PyTorch's own list:
 `argparse.Namespace`, which the official facebookresearch/mae checkpoints hold their `args` in.
 `trust=True` (the CLI's `--unsafe-trust-checkpoint`) loads arbitrary pickles, for files whose
@@ -23,6 +25,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import socket
 import time
 import zipfile
@@ -35,10 +38,12 @@ from .format import (
     SHARDED_META,
     TRUST_FLAG,
     CheckpointError,
-    atomic_save,
+    atomic_save,  # noqa: F401 (the commands import the writers from here, with the rest)
     is_main,
+    link_atomically,  # noqa: F401
     model_weights,
     weights_kind,  # noqa: F401 (the commands import it from here, with the rest)
+    weights_mismatch,
     write_atomically,
 )
 
@@ -52,22 +57,18 @@ STALE_ELSEWHERE_S = 3600  # another host's temporary this old is no save in prog
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-def save_training_state(state: dict, output_dir, epoch: int, epochs: int, save_every: int):
-    """The rolling `checkpoint-last.pth` every epoch; `checkpoint-<epoch>.pth` at the official
-    cadence (epoch 0, every `save_every` epochs, and the last)."""
-    output_dir = Path(output_dir)
-    atomic_save(state, output_dir / LAST_CHECKPOINT)
-    if epoch % save_every == 0 or epoch + 1 == epochs:
-        atomic_save(state, output_dir / f"checkpoint-{epoch}.pth")
-
-
 def remove_stale_temporaries(output_dir) -> list[Path]:
     """Deletes the partial checkpoints (and logs) a write killed mid-way left in `output_dir`:
-    only the temporary files `write_atomically` names. Returns them."""
-    stale = sorted(p for p in Path(output_dir).glob(".*.tmp") if _abandoned(p))
+    the temporary files `write_atomically` names, and the `.checkpoint-<name>.partial/` folder
+    of a sharded save or copy (called as a run starts, before it saves). Returns them."""
+    output_dir = Path(output_dir)
+    stale = sorted(p for p in output_dir.glob(".*.tmp") if _abandoned(p))
     for p in stale:
         p.unlink(missing_ok=True)
-    return stale
+    partial = sorted(p for p in output_dir.glob(".checkpoint-*.partial") if p.is_dir())
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale + partial
 
 
 def _abandoned(path: Path) -> bool:
@@ -125,15 +126,9 @@ def _position(path: Path) -> tuple[float, float]:
         return by_name
 
 
-def latest_checkpoint(output_dir) -> Path | None:
-    """`checkpoint-last.pth` if the run wrote one, else its highest-epoch checkpoint, or None."""
-    found = checkpoints_newest_first(output_dir)
-    return found[0] if found else None
-
-
-def _check_format(path: Path) -> None:
+def _check_format(path: Path) -> bool:
     """torch.save writes a zip archive (a legacy one: a pickle); anything else is not ours to
-    unpickle, trusted or not."""
+    unpickle, trusted or not. Returns whether it is an archive (which torch can map)."""
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its save never finished "
@@ -150,9 +145,11 @@ def _check_format(path: Path) -> None:
         if not any(name.endswith("data.pkl") for name in names):
             raise CheckpointError(f"{path} is not a checkpoint: a zip archive without the "
                                   f"data.pkl that torch.save writes")
-    elif not head.startswith(b"\x80"):
+        return True
+    if not head.startswith(b"\x80"):
         raise CheckpointError(f"{path} is not a checkpoint: neither a torch.save archive nor a "
                               f"pickle (it starts with {head!r})")
+    return False
 
 
 def load_checkpoint(path, map_location="cpu", trust: bool = False) -> dict:
@@ -178,13 +175,16 @@ def _read_checkpoint(path: Path, map_location, trust: bool) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return _load_safetensors(path, map_location)
-    _check_format(path)
+    # an archive is mapped, not read: its tensors come from the file as they are copied into
+    # the model (no second copy of the whole checkpoint in memory)
+    mmap = _check_format(path) and str(map_location) == "cpu"
     try:
         if trust:
-            state = torch.load(path, map_location=map_location, weights_only=False)
+            state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
         else:
             with torch.serialization.safe_globals(SAFE_GLOBALS):
-                state = torch.load(path, map_location=map_location, weights_only=True)
+                state = torch.load(path, map_location=map_location, weights_only=True,
+                                   mmap=mmap)
     except pickle.UnpicklingError as exc:
         if trust:  # nothing was refused: the pickle itself is broken
             raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
@@ -236,21 +236,8 @@ def load_weights(model, state: dict, source: str, expected: str) -> None:
     """The checkpoint's weights into `model`, strictly; a mismatch is one line: `source` (the
     flag and file), then what differs from `expected` (what the model is)."""
     weights = model_weights(state)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    reshaped = [k for k in own if k in weights
-                and tuple(getattr(weights[k], "shape", ())) != tuple(own[k].shape)]
-    problems = []
-    if reshaped:
-        k = reshaped[0]
-        problems.append(f"{len(reshaped)} of another shape (e.g. {k}: "
-                        f"{tuple(getattr(weights[k], 'shape', ()))} in the file, "
-                        f"{tuple(own[k].shape)} in the model)")
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} not in the model (e.g. {unexpected[0]})")
+    problems = weights_mismatch({k: v.shape for k, v in model.state_dict().items()},
+                                {k: getattr(v, "shape", ()) for k, v in weights.items()})
     if problems:
         raise CheckpointError(f"{source}: its weights do not fit {expected}: "
                               f"{'; '.join(problems)}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .format import CheckpointError, model_weights, weights_kind, write_atomically
+from .format import CheckpointError, inside, model_weights, weights_kind, write_atomically
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 # our block's names -> the Hub ViTMAE layer's (qkv is split in three, see _block_pairs)
@@ -86,6 +86,10 @@ def hf_config(config: dict) -> dict:
     """The config.json of ViTMAEForPreTraining for our resolved model config."""
     what = "a Hugging Face ViTMAE"
     _image_model(config, what)
+    if config["n_cls_tokens"] != 1 or config["decoder"] != "mae":
+        raise CheckpointError(f"{what} has one cls token and MAE's decoder; this model has "
+                              f"{config['n_cls_tokens']} and the {config['decoder']!r} decoder "
+                              f"(export its encoder with --format timm)")
     image = _square(config, what)
     return {
         "architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae",
@@ -207,7 +211,7 @@ def load_hf_dir(path) -> dict:
             files = [path / HF_WEIGHTS]
         elif (path / HF_INDEX).is_file():
             index = json.loads((path / HF_INDEX).read_text())["weight_map"]
-            files = [path / name for name in sorted(set(index.values()))]
+            files = [inside(path, name, HF_INDEX) for name in sorted(set(index.values()))]
         else:
             pickled = " (it has pytorch_model.bin, a pickle we do not load: save it with " \
                       "safe_serialization)" if (path / "pytorch_model.bin").exists() else ""
@@ -216,6 +220,8 @@ def load_hf_dir(path) -> dict:
         weights = {}
         for file in files:
             weights.update(load_file(str(file)))
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise CheckpointError(f"{path}: cannot read the Hugging Face directory ({exc})") from exc
     try:
@@ -293,13 +299,28 @@ def timm_model(config: dict) -> tuple[str, dict]:
         kwargs["mlp_ratio"] = _ratio_of(width, key[0])
     if config["in_chans"] != 3:
         kwargs["in_chans"] = config["in_chans"]
+    if config["n_cls_tokens"] > 1:  # Pixio's: timm's cls token and register tokens
+        kwargs["reg_tokens"] = config["n_cls_tokens"] - 1
+    if config["decoder"] == "cross" and config["weight_fm"]:
+        # no last norm was trained (CrossMAE's): timm's mean-pooled head with a fresh fc_norm
+        kwargs.update(global_pool="avg", fc_norm=True)
     return name, kwargs
 
 
-def to_timm(weights: dict) -> dict:
+def to_timm(weights: dict, config: dict | None = None) -> dict:
     """The encoder of our MAE state dict, as timm's VisionTransformer names it (the same names:
-    the decoder and mask token dropped, so timm does not take it for DINOv2)."""
-    return {k: v for k, v in weights.items() if not k.startswith(("decoder", "mask_token"))}
+    the decoder and mask token dropped, so timm does not take it for DINOv2; Pixio's cls
+    tokens split into timm's cls and register tokens; CrossMAE's decoder parts dropped, and
+    without a last norm a fresh fc_norm, as main_finetune.py's)."""
+    out = {k: v for k, v in weights.items()
+           if not k.startswith(("decoder", "mask_token", "dec_norms", "wfm"))}
+    if out["cls_token"].shape[1] > 1:
+        out["reg_token"] = out["cls_token"][:, 1:]
+        out["cls_token"] = out["cls_token"][:, :1]
+    if config is not None and timm_model(config)[1].get("fc_norm"):
+        width = out["cls_token"].shape[-1]
+        out["fc_norm.weight"], out["fc_norm.bias"] = torch.ones(width), torch.zeros(width)
+    return out
 
 
 def export_timm(state: dict, out, path="the checkpoint") -> tuple[Path, str, dict]:
@@ -311,7 +332,7 @@ def export_timm(state: dict, out, path="the checkpoint") -> tuple[Path, str, dic
     config = _config_of_state(state, path)
     name, kwargs = timm_model(config)
     weights = {k: v.detach().contiguous().clone()
-               for k, v in to_timm(model_weights(state)).items()}
+               for k, v in to_timm(model_weights(state), config).items()}
     metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs)}
     out = write_atomically(out, lambda f: f.write(save(weights, metadata=metadata)))
     return out, name, kwargs

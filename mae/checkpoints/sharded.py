@@ -23,12 +23,17 @@ import torch
 import torch.distributed as dist
 
 from .format import (
-    LAST_CHECKPOINT,
     SHARDED_META,
     TRUST_FLAG,
     CheckpointError,
     atomic_save,
+    cannot_write,
+    first_line,
+    fsync_directory,
+    inside,
     is_main,
+    link_or_copy,
+    weights_mismatch,
 )
 
 DCP_METADATA = ".metadata"
@@ -91,17 +96,14 @@ def _replace_dir(source: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(source, target)
     shutil.rmtree(old, ignore_errors=True)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(target.parent)
 
 
 def save_sharded(model, optimizer, extras: dict, path) -> Path:
     """Every rank: its shards of the model and optimizer into the directory `path` through
     DCP, `extras` (epoch, step, scaler, args) beside them; complete or not there at all."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = Path(path)
@@ -112,9 +114,14 @@ def save_sharded(model, optimizer, extras: dict, path) -> Path:
         partial.mkdir(parents=True)
     _barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    with _one_process_is_intended():
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial,
-                 no_dist=not dist.is_initialized())
+    try:
+        with _one_process_is_intended():
+            dcp.save({"model": model_state, "optimizer": optimizer_state},
+                     checkpoint_id=partial, no_dist=not dist.is_initialized())
+    except (CheckpointException, OSError, RuntimeError) as exc:  # every rank raises
+        if is_main():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise cannot_write(path, _failures(exc)[0]) from exc
     if is_main():
         atomic_save(extras, partial / SHARDED_META)
         _replace_dir(partial, path)
@@ -122,27 +129,19 @@ def save_sharded(model, optimizer, extras: dict, path) -> Path:
     return path
 
 
-def save_training_state(model, optimizer, extras: dict, output_dir, epoch: int, epochs: int,
-                        save_every: int) -> None:
-    """Every rank: checkpoint.save_training_state's cadence in sharded form, `checkpoint-last/`
-    every epoch and `checkpoint-<epoch>/` (a copy of it) at epoch 0, every `save_every`
-    epochs and the last."""
-
-    output_dir = Path(output_dir)
-    last = save_sharded(model, optimizer, extras, output_dir / Path(LAST_CHECKPOINT).stem)
-    if epoch % save_every == 0 or epoch + 1 == epochs:
-        if is_main():
-            copy_sharded(last, output_dir / f"checkpoint-{epoch}")
-        _barrier()
-
-
 def copy_sharded(source, target) -> Path:
-    """Rank 0: a finished sharded checkpoint copied to another name, as atomically."""
+    """Rank 0: a finished sharded checkpoint under another name, as atomically; its files hard
+    links (`link_or_copy`: a save replaces a checkpoint directory by a rename, never writes
+    into its files), so the copy costs no write."""
     source, target = Path(source), Path(target)
     partial = target.parent / f".{target.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     restore_stepped_aside(target)
-    shutil.copytree(source, partial)
+    try:
+        shutil.copytree(source, partial, copy_function=link_or_copy)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise cannot_write(target, exc) from exc
     _replace_dir(partial, target)
     return target
 
@@ -162,7 +161,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _check_metadata(path: Path) -> None:
     """DCP reads `.metadata` with pickle, which could run code: it is first unpickled here by
-    an unpickler that builds DCP's own classes only (or refuses), then left to DCP."""
+    an unpickler that builds DCP's own classes only (or refuses), then left to DCP. The shard
+    files it names must lie in the checkpoint's directory."""
     file = path / DCP_METADATA
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} is a directory without DCP's {DCP_METADATA}: "
@@ -177,6 +177,8 @@ def _check_metadata(path: Path) -> None:
     except (pickle.UnpicklingError, ValueError, EOFError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: its {DCP_METADATA} is not DCP metadata "
                               f"({exc}); it was not loaded") from exc
+    for info in (metadata.storage_data or {}).values():  # the shard files DCP would read
+        inside(path, getattr(info, "relative_path", None), DCP_METADATA)
 
 
 def read_extras(path) -> dict:
@@ -222,28 +224,42 @@ def _weights_only_planner() -> type:
     return WeightsOnlyLoadPlanner
 
 
-def _refusal(exc: BaseException) -> CheckpointError | None:
-    """The CheckpointError a shard's refused entry raised, as such or as DCP gathers the ranks'
-    failures (a CheckpointException, whenever a process group exists)."""
-    if isinstance(exc, CheckpointError):
-        return exc
-    for failure, _ in getattr(exc, "failures", {}).values():
-        if isinstance(failure, CheckpointError):
-            return failure
-    return None
+def _failures(exc: BaseException) -> list[BaseException]:
+    """What failed: `exc`, or the ranks' exceptions a CheckpointException gathers (DCP raises
+    one, a BaseException, on every rank whenever a process group exists)."""
+    failures = getattr(exc, "failures", None)
+    return [failure for failure, _ in failures.values()] if failures else [exc]
+
+
+def _saved_weights(path: Path) -> dict:
+    """name -> shape of the model weights a sharded checkpoint holds (its metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    return {key.removeprefix("model."): meta.size
+            for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
 
 
 def load_sharded(model, optimizer, path, trust: bool = False) -> dict:
     """Every rank: the model and optimizer state of a sharded checkpoint into `model` (FSDP2 or
     plain, any world size: DCP reads each rank's part) and `optimizer`; returns the extras.
-    Its non-tensor entries are read as weights-only pickles unless `trust`
-    (--unsafe-trust-checkpoint)."""
+    Its weights must fit the model strictly (DCP alone would leave out the ones the model
+    lacks). Its non-tensor entries are read as weights-only pickles unless `trust`
+    (--unsafe-trust-checkpoint). Every failure is one line naming the checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     extras = read_extras(path)
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    problems = weights_mismatch({k: v.shape for k, v in model_state.items()},
+                                _saved_weights(Path(path)))
+    if problems:
+        raise CheckpointError(f"--resume {path}: its weights do not fit the model this run "
+                              f"builds (pass the flags or --config it was trained with): "
+                              f"{'; '.join(problems)}")
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with _one_process_is_intended():
@@ -251,16 +267,14 @@ def load_sharded(model, optimizer, path, trust: bool = False) -> dict:
                      planner=None if trust else _weights_only_planner()())
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-    except (CheckpointError, CheckpointException) as exc:
-        refused = _refusal(exc)
-        if refused is None:
-            raise
-        raise CheckpointError(f"--resume {path}: a shard's {refused}; it was not loaded. If "
-                              f"you trust where it came from, pass {TRUST_FLAG}.") from exc
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"--resume {path}: its state does not fit the model and "
-                              f"optimizer this run builds (pass the flags or --config it was "
-                              f"trained with): {str(exc).splitlines()[0][:300]}") from exc
+    except (CheckpointError, CheckpointException, RuntimeError, ValueError, KeyError) as exc:
+        failures = _failures(exc)
+        refused = next((f for f in failures if isinstance(f, CheckpointError)), None)
+        if refused is not None:
+            raise CheckpointError(f"--resume {path}: a shard's {refused}; it was not loaded. "
+                                  f"If you trust where it came from, pass {TRUST_FLAG}.") from exc
+        raise CheckpointError(f"--resume {path}: its shards did not load into this run's "
+                              f"model and optimizer ({first_line(failures[0])})") from exc
     return extras
 
 

@@ -63,8 +63,10 @@ def shard_model(model: torch.nn.Module, device: torch.device, amp: str,
                 compile_blocks: bool) -> torch.nn.Module:
     """FSDP2 in place: each encoder and decoder block its own unit (all-gathered for its
     forward and backward, resharded after), then the root for the rest (embeddings, tokens,
-    norms, heads). With `compile_blocks` each block is compiled first, as torchtitan does, so
-    the compiled regions end where FSDP's communication starts."""
+    norms, heads). The frozen sin-cos tables stay out of FSDP, whole on every rank and fp32
+    (the policy would round them to bf16, where autocast leaves them fp32). With
+    `compile_blocks` each block is compiled first, as torchtitan does, so the compiled regions
+    end where FSDP's communication starts."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -75,7 +77,9 @@ def shard_model(model: torch.nn.Module, device: torch.device, amp: str,
             if compile_blocks:
                 block.compile()
             fully_shard(block, mesh=mesh, mp_policy=mixed_precision(amp))
-    fully_shard(model, mesh=mesh, mp_policy=mixed_precision(amp, root=True))
+    frozen = {p for p in model.parameters() if not p.requires_grad}
+    fully_shard(model, mesh=mesh, mp_policy=mixed_precision(amp, root=True),
+                ignored_params=frozen)
     return model
 
 
@@ -100,13 +104,14 @@ def _named_counts(name: str) -> dict:
 
 
 def _counts(config: dict) -> dict:
-    from ..models.image import MAE
+    from ..models import build_model
+    from ..models.image import resolve_config
 
     with torch.device("meta"):
-        model = MAE(config)
+        model = build_model(resolve_config(config))
     params = dict(model.named_parameters())
     encoder = sum(p.numel() for k, p in params.items()
-                  if not k.startswith(("decoder", "mask_token")))
+                  if not k.startswith(("decoder", "mask_token", "dec_norms", "wfm")))
     return {"total": sum(p.numel() for p in params.values()),
             "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
             "encoder": encoder,
@@ -124,11 +129,18 @@ def activation_bytes_per_image(config: dict, amp: str = "bf16",
     size = 2 if amp == "bf16" else 4
     side = config["img_size"] if isinstance(config["img_size"], int) else config["img_size"][0]
     patches = (side // config["patch_size"]) ** 2
-    kept = patches - int(patches * config["mask_ratio"])
+    unit = config.get("mask_grid", 1) ** 2  # Pixio masks units of patches
+    kept = (patches // unit - int(patches // unit * config["mask_ratio"])) * unit
+    prefix = config.get("n_cls_tokens", 1)
+    # MAE's decoder runs over every token; CrossMAE's queries are the predicted patches (its
+    # keys and values, the encoder's tokens, are not counted)
+    queries = patches + prefix if config.get("decoder", "mae") == "mae" else (
+        patches - kept if config["predict_ratio"] is None
+        else round(patches * config["predict_ratio"]))
     encoder_mlp = config["encoder_mlp_dim"] or int(config["encoder_dim"] * config["mlp_ratio"])
     decoder_mlp = int(config["decoder_dim"] * config["mlp_ratio"])
-    stacks = [(config["encoder_layers"], kept + 1, config["encoder_dim"], encoder_mlp),
-              (config["decoder_layers"], patches + 1, config["decoder_dim"], decoder_mlp)]
+    stacks = [(config["encoder_layers"], kept + prefix, config["encoder_dim"], encoder_mlp),
+              (config["decoder_layers"], queries, config["decoder_dim"], decoder_mlp)]
     per_block = [(tokens * (9 * dim + 2 * mlp), tokens * dim) for _, tokens, dim, mlp in stacks]
     if not grad_checkpointing:
         return size * sum(depth * full for (depth, *_), (full, _) in zip(stacks, per_block))
@@ -138,25 +150,34 @@ def activation_bytes_per_image(config: dict, amp: str = "bf16",
 
 def memory_estimate(name_or_config, world_size: int = 1, fsdp: bool = False,
                     grad_checkpointing: bool = False, batch_per_gpu: int = 64,
-                    amp: str = "bf16") -> dict:
-    """Bytes per GPU of one training step (AdamW, fp32 master weights): the states
-    (weights + gradients + AdamW: 16 bytes per trainable parameter, 4 per frozen one; DDP adds
-    its fp32 gradient buckets, 4 more; FSDP divides all of it by the world size and holds two
-    blocks unsharded in flight, in the parameter dtype, with one block's unsharded gradients)
-    and the activations of `batch_per_gpu` images. Not counted: the CUDA context, the
-    allocator's fragmentation, the data loader."""
+                    amp: str = "bf16", accum_iter: int = 1) -> dict:
+    """Bytes per GPU of one training step (AdamW, fp32 master weights), by part: `weights`
+    (fp32, frozen ones too), `gradients` (fp32) and `optimizer` (two fp32 AdamW moments) of
+    the trainable parameters, FSDP dividing all three by the world size (the frozen sin-cos
+    tables stay whole); `buckets`, DDP's fp32 gradient buckets; under FSDP `gathered`, two
+    blocks unsharded in flight in the parameter dtype, and `unsharded_gradients`, one block's
+    fp32 gradients before their reduce-scatter, or with `accum_iter` > 1 every parameter's,
+    kept unsharded between micro-batches (FSDP2's no-sync); `activations` of `batch_per_gpu`
+    images. `states` sums all but the activations, `total` all. Not counted: the CUDA context,
+    the allocator's fragmentation, the data loader."""
     counts = parameter_counts(name_or_config)
     trainable, frozen = counts["trainable"], counts["total"] - counts["trainable"]
-    states = trainable * (MASTER_BYTES + GRAD_BYTES + ADAMW_STATE_BYTES) + frozen * MASTER_BYTES
+    shards = world_size if fsdp else 1
+    parts = {"weights": trainable * MASTER_BYTES / shards + frozen * MASTER_BYTES,
+             "gradients": trainable * GRAD_BYTES / shards,
+             "optimizer": trainable * ADAMW_STATE_BYTES / shards,
+             "buckets": trainable * GRAD_BYTES if world_size > 1 and not fsdp else 0,
+             "gathered": 0, "unsharded_gradients": 0}
     if fsdp:
-        param_size = 2 if amp == "bf16" else 4
-        states = states / world_size + counts["block"] * (2 * param_size + GRAD_BYTES)
-    elif world_size > 1:
-        states += trainable * GRAD_BYTES  # DDP's buckets
+        parts["gathered"] = counts["block"] * 2 * (2 if amp == "bf16" else 4)
+        parts["unsharded_gradients"] = (trainable if accum_iter > 1 else counts["block"]) \
+            * GRAD_BYTES
+    parts = {k: int(v) for k, v in parts.items()}
     activations = batch_per_gpu * activation_bytes_per_image(counts["config"], amp,
                                                              grad_checkpointing)
-    return {"params": counts["total"], "states": int(states), "activations": activations,
-            "total": int(states) + activations}
+    states = sum(parts.values())
+    return {"params": counts["total"], **parts, "states": states,
+            "activations": activations, "total": states + activations}
 
 
 def communication_bytes(name_or_config, world_size: int, fsdp: bool = False,
@@ -174,17 +195,24 @@ def communication_bytes(name_or_config, world_size: int, fsdp: bool = False,
 
 
 TABLE_MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14",
-                "mae_vit_giant_patch14", "mae_vit_gigantic_patch14")
+                "mae_vit_giant_patch14", "mae_vit_gigantic_patch14",
+                # Pixio's, at its 256 px (its 5B/16 trains under --fsdp only)
+                "pixio_vith16_enc1280x32h16_dec512x32h16",
+                "pixio_vit1b16_enc1536x48h24_dec512x32h16",
+                "pixio_vit5b16_enc3072x48h32_dec512x32h16")
 
 
 def memory_table(models=TABLE_MODELS, batch_per_gpu: int = 64, world_size: int = 8) -> str:
-    """The README's table (GiB per GPU at 224px, bf16 autocast, AdamW), as Markdown."""
+    """The README's table (GiB per GPU at 224px, Pixio's at 256px; bf16 autocast, AdamW), as
+    Markdown."""
     gib = 2**30
     rows = [f"| model | params | states DDP | states FSDP/{world_size} | activations per image "
-            f"(ckpt) | DDP | DDP + ckpt | FSDP | FSDP + ckpt |", "|---" * 9 + "|"]
+            f"(ckpt) | DDP | DDP + ckpt | FSDP | FSDP + ckpt | FSDP + ckpt, --accum-iter > 1 |",
+            "|---" * 10 + "|"]
     for name in models:
         cells = [memory_estimate(name, world_size, fsdp, ckpt, batch_per_gpu)
                  for fsdp in (False, True) for ckpt in (False, True)]
+        cells.append(memory_estimate(name, world_size, True, True, batch_per_gpu, accum_iter=2))
         config = parameter_counts(name)["config"]
         per_image = [activation_bytes_per_image(config, "bf16", ckpt) / 2**20
                      for ckpt in (False, True)]

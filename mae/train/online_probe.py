@@ -52,7 +52,7 @@ class OnlineProbe:
         from .optim import LARS
 
         self.model, self.device, self.num_workers = model, device, num_workers
-        self.prefix = 1 if hasattr(model, "cls_token") else 0  # VideoMAE has no cls token
+        self.prefix = getattr(model, "num_prefix_tokens", 0)  # cls tokens (VideoMAE: none)
         with self._own_random_streams():
             self.head = build_head(model.norm.normalized_shape[0], num_classes).to(device)
         params = self.head.parameters()
@@ -128,6 +128,9 @@ def start_probe(args, model, device, eff_batch: int):
     if getattr(args, "fsdp", False):
         raise ValueError("--online-probe evaluates the model on one process; it does not "
                          "run with --fsdp")
+    if not hasattr(model, "norm"):
+        raise ValueError("--online-probe reads the encoder's last norm; CrossMAE with "
+                         "weight_fm has none (its decoder blocks normalise their own mixtures)")
     from ..data.shards import shard_urls
 
     if args.data_path and shard_urls(args.data_path, "train", False) is not None:
