@@ -13,6 +13,9 @@ MARKS = {
     "step": "the whole pre-training step",
     "long_compile": "ops whose compiled reference takes minutes to build",
     "loader": "the input pipeline: resized_crop and the loaders' per-image stages",
+    "pipeline": "the training step fed by the real loader against the step fed from memory",
+    "decoder_side": "Pixio's and CrossMAE's ops and steps (masking units, three-way split, "
+                    "decoder queries, predicted-subset loss; MAE vs CrossMAE vs Pixio steps)",
 }
 
 

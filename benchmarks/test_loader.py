@@ -12,68 +12,26 @@ scikit-image bundles, written to a temporary folder by the benchmark (none is co
 """
 from __future__ import annotations
 
-import math
-import random
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mae.data import gpu as gpu_data
 from mae.data.images import ImageFolderDataset
 from mae_kernels.augment import IMAGENET_MEAN, IMAGENET_STD
 
-from .common import CUDA, GPU_SIZES
+from .common import CUDA, GPU_SIZES, jpeg_set
 
 # the GPU plan's loader extras (scripts/gpu_plan.py) select these and resized_crop's cases
 pytestmark = pytest.mark.loader
 
 IMAGES = 64  # files in the generated set; every case cycles through all of them
 SIZE = 224
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
-          "hubble_deep_field", "retina", "stereo_motorcycle")
-
-
-def _photographs() -> list[Image.Image]:
-    """scikit-image's bundled photographs (the test extra has it); where it is not installed
-    (the GPU image), matplotlib's Grace Hopper portrait."""
-    try:
-        import skimage.data
-    except ImportError:
-        try:
-            from matplotlib import cbook
-        except ImportError:
-            pytest.skip("no bundled photographs: needs scikit-image or matplotlib")
-        with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as img:
-            return [img.convert("RGB")]
-    photos = []
-    for name in PHOTOS:
-        pixels = getattr(skimage.data, name)()
-        pixels = pixels[0] if isinstance(pixels, tuple) else pixels  # a stereo pair
-        photos.append(Image.fromarray(pixels).convert("RGB"))
-    return photos
 
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory):
-    """IMAGES 500x375 JPEGs (quality 90), random windows of the photographs, photographs
-    smaller than a window first enlarged to cover one (bicubic)."""
-    root = tmp_path_factory.mktemp("photos")
-    folder = root / "train" / "photos"
-    folder.mkdir(parents=True)
-    rng = random.Random(0)
-    photos = _photographs()
-    for i in range(IMAGES):
-        photo = photos[i % len(photos)]
-        W, H = (500, 375) if i % 4 else (375, 500)  # a quarter in portrait, as in ImageNet
-        grow = max(W / photo.width, H / photo.height, 1.0)
-        if grow > 1:
-            photo = photo.resize((math.ceil(photo.width * grow), math.ceil(photo.height * grow)),
-                                 Image.BICUBIC)
-        left, top = rng.randint(0, photo.width - W), rng.randint(0, photo.height - H)
-        photo.crop((left, top, left + W, top + H)).save(folder / f"{i:03d}.jpg", quality=90)
-    return root
+    return jpeg_set(tmp_path_factory.mktemp("photos"), IMAGES)
 
 
 def _per_image(benchmark, fn, count: int, **info):
@@ -91,10 +49,11 @@ def test_loader_worker(benchmark, jpeg_folder, impl):
     if impl == "pil":
         dataset = ImageFolderDataset(jpeg_folder, SIZE, train=True, split="train")
     else:
-        dataset = gpu_data.EncodedDataset(ImageFolderDataset(jpeg_folder, SIZE, split="train"))
+        dataset = gpu_data.EncodedDataset(ImageFolderDataset(jpeg_folder, SIZE, split="train"),
+                                          ship_jpegs=True)
     first = dataset[0]
     sent = (first[0].numel() * first[0].element_size() if impl == "pil"
-            else int(np.mean([len(dataset[i].data) for i in range(len(dataset))])))
+            else int(np.mean([len(dataset[i].payload) for i in range(len(dataset))])))
 
     def epoch():
         for i in range(len(dataset)):
@@ -111,8 +70,8 @@ def _torchvision_loop(batch, boxes, flips, device):
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    images = decode_jpeg([torch.frombuffer(d, dtype=torch.uint8) for d in batch.data],
-                         device=device)
+    bounds = batch.bounds.tolist()
+    images = decode_jpeg([batch.data[a:b] for a, b in zip(bounds, bounds[1:])], device=device)
     out = []
     for img, (top, left, h, w), flip in zip(images, boxes.tolist(), flips.tolist()):
         crop = F.resized_crop(img, top, left, h, w, [SIZE, SIZE], InterpolationMode.BICUBIC,
@@ -131,11 +90,15 @@ MAIN_IMPLS = ["ours", pytest.param("torchvision_loop", marks=pytest.mark.gpu)] i
 @pytest.mark.parametrize("impl", MAIN_IMPLS)
 @pytest.mark.parametrize("B", [256] if GPU_SIZES else [32])
 def test_loader_main_process(benchmark, jpeg_folder, B, impl):
-    """The gpu loader's main-process step for a batch: decode (nvJPEG on CUDA, else the CPU)
-    and one resized_crop call with the official boxes (RandomResizedCrop, scale (0.2, 1))."""
-    dataset = gpu_data.EncodedDataset(ImageFolderDataset(jpeg_folder, SIZE, split="train"))
-    batch, labels, _ = gpu_data.collate_encoded([dataset[i % len(dataset)] for i in range(B)])
+    """The gpu loader's main-process step for a batch: decode (nvJPEG on CUDA; on the CPU the
+    workers decode, so this is the op alone) and one resized_crop call with the official boxes
+    (RandomResizedCrop, scale (0.2, 1))."""
     device = torch.device("cuda" if CUDA else "cpu")
+    dataset = gpu_data.EncodedDataset(ImageFolderDataset(jpeg_folder, SIZE, split="train"),
+                                      ship_jpegs=gpu_data.jpeg_decoder(device) is not None)
+    batch, labels, _ = gpu_data.collate_packed([dataset[i % len(dataset)] for i in range(B)])
+    if CUDA:
+        batch = batch.pin_memory()
     prepare = gpu_data.GpuBatches(SIZE, device, seed=0, train=True, scale=(0.2, 1.0))
     if impl == "torchvision_loop":
         pytest.importorskip("torchvision")

@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
+import mae_kernels
+
 from .checkpoints.files import TRUST_FLAG, CheckpointError
-from .models.image import DEFAULT_CONFIG, MASK_TYPES
+from .data.prefetch import DEFAULT_DEPTH
+from .models.image import DECODERS, DEFAULT_CONFIG, MASK_TYPES, POS_EMBEDS
 
 
 class UsageError(SystemExit):
@@ -59,6 +62,7 @@ non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 probability = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 crop_scale = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 below_one = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+share = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 # 0 masks nothing (the loss is 0/0), 1 keeps nothing; the token count is checked per model.
 mask_ratio = _checked(float, lambda v: 0 < v < 1,
                       "in (0, 1): a ratio that masks at least one token and keeps one")
@@ -142,8 +146,14 @@ def _common(parser):
                "'::' list, or the folder `mae shards` wrote")
     _flag(parser, "data-loader", choices=["pil", "gpu"], default=None,
           help="pil: Pillow decodes and augments in the DataLoader workers; gpu: the workers "
-               "read bytes, the run's device decodes (torchvision.io) and crops (the fused "
-               "resized_crop op). Default: gpu on CUDA with torchvision, else pil")
+               "read files, the run's device decodes the JPEGs (nvJPEG through torchcodec or "
+               "torchvision) and crops every image (the fused resized_crop op). Default: gpu "
+               "on CUDA with torchcodec or torchvision, else pil")
+    _flag(parser, "prefetch", type=non_negative_int, default=DEFAULT_DEPTH,
+          help=f"batches a loader thread makes ready on the device ahead of the step "
+               f"(default {DEFAULT_DEPTH}; 0: each in the training thread when the step asks; "
+               f"--num-workers 0 implies 0). A high data_wait_ms in the log says the step "
+               f"waits for data")
     _flag(parser, "quiet", action="store_true", help="no progress bar")
     _trust(parser)
 
@@ -204,6 +214,10 @@ def _run(parser):
                "auto (SIGTERM, from scancel or a preemption, is not requeued)")
     _flag(parser, "save-every", type=positive_int, default=20,
           help="epochs between numbered checkpoints (checkpoint-last.pth is written every epoch)")
+    _flag(parser, "deterministic", action="store_true",
+          help="the same bits on GPUs too: PyTorch's deterministic algorithms (an op without "
+               "one is an error), CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic, no "
+               "benchmark (the CPU is deterministic without it)")
     _flag(parser, "log-every", type=positive_int, default=20, help="steps between log lines")
     _flag(parser, "log-dir", type=output_dir, default=None,
           help="also write TensorBoard event files here (train_loss, lr, images_per_sec at "
@@ -213,8 +227,40 @@ def _run(parser):
                "needs wandb)")
 
 
+def _decoder_side(pre):
+    """Pixio's and CrossMAE's options (docs/decoders.md); unset, the model's own."""
+    _flag(pre, "decoder", choices=list(DECODERS), default=None,
+          help="mae: self-attention over every token (MAE, Pixio); cross: CrossMAE's decoder, "
+               "queries of the predicted patches cross-attending to the encoder")
+    pre.add_argument("--cross-mae", "--cross_mae", dest="decoder", action="store_const",
+                     const="cross", help="CrossMAE's spelling of --decoder cross")
+    pre.add_argument("--predict-ratio", "--predict_ratio", "--kept-mask-ratio",
+                     "--kept_mask_ratio", dest="predict_ratio", type=share, default=None,
+                     help="--decoder cross: the share of all patches predicted, at most "
+                          "--mask-ratio (CrossMAE's kept_mask_ratio; default: every masked "
+                          "patch, or the named model's)")
+    for name, what in (("weight-fm", "each decoder block reads its own weighted mixture of "
+                                     "the encoder blocks' features"),
+                       ("use-input", "the encoder's input is one of the mixed features"),
+                       ("self-attn", "a self-attention layer in each decoder block")):
+        _flag(pre, name, action=argparse.BooleanOptionalAction, default=None,
+              help=f"--decoder cross (CrossMAE): {what}")
+    _flag(pre, "no-lr-scale", action="store_true",
+          help="--decoder cross: lr = blr * batch / 256, without CrossMAE's factor "
+               "predict_ratio / mask_ratio")
+    _flag(pre, "mask-grid", type=positive_int, default=None,
+          help="mask units of N x N patches (Pixio: 4); N divides both sides of the grid")
+    _flag(pre, "n-cls-tokens", type=positive_int, default=None, help="cls tokens (Pixio: 8)")
+    _flag(pre, "pos-embed", choices=list(POS_EMBEDS), default=None,
+          help="sincos: MAE's fixed tables; learned: Pixio's")
+    _flag(pre, "drop-path", type=below_one, default=None,
+          help="the encoder's stochastic depth, linear over the blocks up to it (Pixio: 0.4)")
+
+
 def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mae", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"mae-kernels {mae_kernels.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="pre-train a Masked Autoencoder")
@@ -248,6 +294,7 @@ def build_parser(config_defaults: dict | None = None) -> argparse.ArgumentParser
           help="what the decoder predicts: pixels (norm_pix: --norm-pix-loss) or MaskFeat's "
                "HOG features (images; patch size a multiple of 8)")
     _flag(pre, "no-kernels", action="store_true", help="run the reference ops instead")
+    _decoder_side(pre)
     _flag(pre, "fsdp", action="store_true",
           help="FSDP2: shard parameters, gradients and AdamW states over the processes "
                "(every block and the root; bf16 parameters, fp32 reduction under --amp bf16); "
@@ -504,7 +551,7 @@ def read_config(path, parser: argparse.ArgumentParser, command: str) -> dict:
 def check_mask_ratio(args) -> None:
     """`mae pretrain`'s model as the run will build it (on a copy of the arguments): its config
     keys are valid and --mask-ratio masks at least one token and keeps one (ValueError)."""
-    from mae_kernels.masking import keep_count, tube_keep_count
+    from mae_kernels.masking import keep_count, predicted_count, tube_keep_count
 
     from .models.image import is_video
     from .train.pretrain import apply_defaults
@@ -515,15 +562,21 @@ def check_mask_ratio(args) -> None:
     grid = [side // config["patch_size"] for side in
             (config["img_size"] if isinstance(config["img_size"], list)
              else [config["img_size"]] * 2)]
-    per_frame = grid[0] * grid[1]
+    # Pixio's masking draws units of mask_grid x mask_grid patches (1 for video)
+    g = config["mask_grid"]
+    per_frame = grid[0] * grid[1] // g**2
     ratio = resolved.mask_ratio
     video = is_video(config)
+    tokens = f"{per_frame} " + (f"units of {g}x{g} patches" if g > 1 else "patches") \
+        + (" per frame" if video else "")
     try:  # the count the model's masking op will use
         kept = (tube_keep_count if video else keep_count)(per_frame, ratio)
+        if config["decoder"] == "cross" and config["predict_ratio"] is not None:
+            predicted_count(per_frame, ratio, config["predict_ratio"], kept)
     except ValueError as exc:
-        raise ValueError(f"--mask-ratio: {exc}") from None
+        raise ValueError(f"--mask-ratio: {exc}" + (f" (of {tokens})" if g > 1 else "")) \
+            from None
     masked = per_frame - kept
-    tokens = f"{per_frame} patches" + (" per frame" if video else "")
     if masked < 1:
         raise ValueError(f"--mask-ratio {ratio} masks {masked} and keeps {kept} of {tokens}: "
                          f"it must mask at least one and keep at least one")
@@ -533,10 +586,12 @@ def validate(args) -> None:
     """The checks that need more than one flag, before anything runs; fills in --threads."""
     if hasattr(args, "threads") and args.threads is None:
         args.threads = default_threads(getattr(args, "num_workers", 0))
+    from .train.determinism import problem
     from .train.tracking import missing_package
 
-    if missing_package(args):
-        raise UsageError(missing_package(args))
+    for error in (missing_package(args), problem(args)):
+        if error:
+            raise UsageError(error)
     video = getattr(args, "video", False)
     if hasattr(args, "data_loader") and args.data_loader is None:
         from .data.gpu import default_loader
@@ -545,11 +600,6 @@ def validate(args) -> None:
     elif getattr(args, "data_loader", None) == "gpu" and video:
         raise UsageError("--data-loader gpu is for images: --video clips are decoded in the "
                          "DataLoader workers (use --data-loader pil)")
-    elif getattr(args, "data_loader", None) == "gpu":
-        from .data.gpu import pillow_fallback_warning
-
-        if warning := pillow_fallback_warning(args.device):
-            print(warning, file=sys.stderr)
     if args.command == "pretrain":
         if args.online_probe and args.video:
             raise ValueError("--online-probe probes image MAEs; --video clips have no labels")
@@ -602,6 +652,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from .train.determinism import deterministic
     from .train.engine import NonFiniteLossError
     from .train.preemption import Interrupted, Preempted, StopSignals, requeue
 
@@ -613,18 +664,19 @@ def main(argv=None) -> int:
         if args.command == "pretrain":
             from .train.pretrain import pretrain
 
-            with StopSignals():
+            with StopSignals(), deterministic(args.deterministic):
                 pretrain(args)
         elif args.command == "finetune":
             from .train.finetune import finetune
 
-            with StopSignals():
+            with StopSignals(), deterministic(args.deterministic):
                 finetune(args)
         elif args.command == "linprobe":
             from .train.linprobe import is_demo, linprobe
 
             # the official recipe stops at a step and saves it; the demo saves nothing
-            with StopSignals() if not is_demo(args) else contextlib.nullcontext():
+            with StopSignals() if not is_demo(args) else contextlib.nullcontext(), \
+                    deterministic(args.deterministic):
                 linprobe(args)
         elif args.command == "visualize":
             from .eval.visualize import visualize

@@ -3,9 +3,10 @@
 # README's test command: Python 3.11, torch 2.13.0 CPU, the newest triton). Each row gets a fresh
 # virtual environment and a clean copy of the sources, installed the way a user would:
 #   newest:   Python 3.11, torch 2.14.1 (CUDA 13.0) + torchvision 0.29.1, triton 3.8 (torch's
-#             pin); pip install --no-build-isolation -e ".[test,finetune,video]" builds the
-#             CUDA extension with nvcc and brings timm and PyAV, so `mae finetune` and video
-#             files are tested here
+#             pin); pip install --no-build-isolation -e ".[test,finetune,video,lightly,decode]"
+#             builds the CUDA extension with nvcc and brings timm, PyAV, lightly and TorchCodec,
+#             so `mae finetune`, video files, the lightly drop-in and both JPEG decoders (the
+#             gpu loader's, on the CPU here) are tested here
 #   lowest:   Python 3.10, torch 2.11 (CUDA 13.0), triton 3.6 (torch's pin);
 #             plain pip install -e ., the extension compiled on first import
 #   plain:    Python 3.11, torch 2.13.0: `pip install torch==2.13.0 && pip install -e .`
@@ -59,7 +60,7 @@ row() {
   src=$(fresh_copy "$name")
   py=$(venv "$name" "$(python_of "$minor")")
   # shellcheck disable=SC2086
-  "$py" -m pip install --quiet $torch_packages setuptools wheel ninja
+  "$py" -m pip install --quiet $torch_packages "setuptools>=77" wheel ninja
   # shellcheck disable=SC2086
   (cd "$src" && "$py" -m pip install --quiet $flags -e ".[$extras]")
   (cd "$src" && "$py" -c "
@@ -75,8 +76,11 @@ $check")
 }
 
 stage "newest: torch 2.14.1 + CUDA 13.0, triton 3.8, --no-build-isolation (CUDA extension), timm"
-row newest 3.11 "torch==2.14.1 torchvision==0.29.1" --no-build-isolation test,finetune,video "
-import timm, av
+row newest 3.11 "torch==2.14.1 torchvision==0.29.1" --no-build-isolation test,finetune,video,lightly,decode "
+import timm, av, lightly
+from mae.data import gpu
+assert gpu.torchcodec_decoder()[0] is not None, gpu.torchcodec_decoder()[1]
+assert gpu.torchvision_decoder()[0] is not None, gpu.torchvision_decoder()[1]
 assert torch.__version__.startswith('2.14.1'), 'installing the extra replaced torch'
 for op in ('gather_tokens', 'scatter_tokens'):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f'mae_kernels::{op}', 'CUDA'), op

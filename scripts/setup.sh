@@ -29,5 +29,6 @@ fi
 $PY -W ignore -c "import torch; cuda = torch.version.cuda
 print('setup.sh: torch', torch.__version__, f'CUDA {cuda} build' if cuda else 'CPU build')"
 if [ "${1:-}" = "--torch-only" ]; then exit 0; fi
-$PY -m pip install --quiet setuptools wheel ninja
-$PY -m pip install --quiet --no-build-isolation -e ".[test]"
+# setuptools 77 reads pyproject.toml's licence expression (PEP 639); pip 25.1 shows it (pip show)
+$PY -m pip install --quiet "pip>=25.1" "setuptools>=77" wheel ninja
+$PY -m pip install --quiet --no-build-isolation -e ".[test,docs]"

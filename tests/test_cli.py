@@ -45,12 +45,20 @@ def test_demo_settings_apply_only_to_the_built_in_demo(tmp_path):
     assert folder.blr == 1.5e-4
 
 
-def test_checkpoints_keep_the_official_cadence_plus_a_rolling_last(tmp_path):
+def test_checkpoints_keep_the_official_cadence_plus_a_rolling_last(tmp_path, monkeypatch):
+    saves, real_save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, **kw: saves.append(1) or real_save(obj, f,
+                                                                                      **kw))
     assert main(["pretrain", *TINY, "--epochs", "3", "--output-dir", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.glob("checkpoint-*.pth"))
     assert names == ["checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-last.pth"]
     assert ckpt.load_checkpoint(tmp_path / "checkpoint-last.pth")["epoch"] == 2
-    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-last.pth"
+    assert ckpt.checkpoints_newest_first(tmp_path)[0].name == "checkpoint-last.pth"
+    # an epoch serialises once: its numbered checkpoint is a second name of checkpoint-last
+    assert len(saves) == 3
+    assert (tmp_path / "checkpoint-2.pth").stat().st_ino == \
+        (tmp_path / "checkpoint-last.pth").stat().st_ino
+    assert ckpt.load_checkpoint(tmp_path / "checkpoint-0.pth")["epoch"] == 0  # kept its own
 
 
 @pytest.mark.parametrize("first,second", [("none", "fp16"), ("fp16", "none"), ("bf16", "fp16")])

@@ -1,5 +1,7 @@
-"""`--data-loader gpu` (mae/data/gpu.py): bytes-only workers, the main process's decode + boxes
-+ one fused crop, on the CPU here (the CPU decoders and the op's CPU kernel)."""
+"""`--data-loader gpu` (mae/data/gpu.py): workers that read files and ship packed tensors (JPEG
+bytes for the device decoder, Pillow's pixels for the rest), the loader thread's decode + boxes +
+one fused crop, on the CPU here (the op's CPU kernel; the device JPEG decoder is stood in for by
+a batched decoder that fails the whole call on one bad file, as nvJPEG's does)."""
 from __future__ import annotations
 
 import io
@@ -16,14 +18,16 @@ from mae.data import gpu as gpu_data
 from mae.data.gpu import (
     EncodedDataset,
     GpuBatches,
+    JpegDecoder,
+    PackedBatch,
     center_crop_boxes,
-    collate_encoded,
-    decode_resized_crop,
+    collate_packed,
 )
 from mae.data.images import (
     ImageFolderDataset,
     ShapesDataset,
     center_resize,
+    random_resized_crop,
     read_rgb,
     to_tensor,
 )
@@ -33,6 +37,7 @@ from .test_cli import exit_code_and_errors
 from .utils import running
 
 SIZE = 16
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
@@ -47,7 +52,9 @@ def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def write_folder(root, sizes=((40, 56), (64, 48), (37, 90), (120, 80)), kinds=("png",)):
-    """root/train/<class>/<i>.<kind>: two classes, images of `sizes` in the formats `kinds`."""
+    """root/train/<class>/<i>.<ext>: two classes, images of `sizes` in the formats `kinds`
+    (png, grey (PNG), png16, jpeg, jpeg-grey, jpeg-cmyk, jpeg-progressive, jpeg-rotated: an
+    EXIF orientation of 6)."""
     paths = []
     for i, (h, w) in enumerate(sizes):
         kind = kinds[i % len(kinds)]
@@ -61,6 +68,14 @@ def write_folder(root, sizes=((40, 56), (64, 48), (37, 90), (120, 80)), kinds=("
             Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257).save(path)
         elif kind == "jpeg-cmyk":
             img.convert("CMYK").save(path, quality=95)
+        elif kind == "jpeg-grey":
+            img.convert("L").save(path, quality=95)
+        elif kind == "jpeg-progressive":
+            img.save(path, quality=95, progressive=True)
+        elif kind == "jpeg-rotated":
+            exif = Image.Exif()
+            exif[gpu_data.EXIF_ORIENTATION] = 6
+            img.save(path, quality=95, exif=exif)
         elif kind == "jpeg":
             img.save(path, quality=95)
         else:
@@ -69,50 +84,179 @@ def write_folder(root, sizes=((40, 56), (64, 48), (37, 90), (120, 80)), kinds=("
     return paths
 
 
-def encoded_batch(root, **kwargs):
-    dataset = EncodedDataset(ImageFolderDataset(root, SIZE, split="train", **kwargs))
-    return dataset, collate_encoded([dataset[i] for i in range(len(dataset))])
+def pillow_decoder(calls: list | None = None, refuses=()) -> JpegDecoder:
+    """A batched JPEG decoder on the CPU that, like nvJPEG's batched call, fails the whole call
+    when one file fails (or is one it `refuses`, by size in bytes); records each call's size."""
+    def decode(tensors, device):
+        if calls is not None:
+            calls.append(len(tensors))
+        out = []
+        for t in tensors:
+            if t.numel() in refuses:
+                raise RuntimeError("refused")
+            try:
+                with Image.open(io.BytesIO(t.numpy().tobytes())) as img:
+                    rgb = img.convert("RGB")
+            except OSError as exc:
+                raise RuntimeError(f"decode failed: {exc}") from exc
+            out.append(torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy()).to(device))
+        return out
+
+    return JpegDecoder("pillow-batch", decode)
+
+
+def encoded_batch(root, ship_jpegs=False, **kwargs):
+    dataset = EncodedDataset(ImageFolderDataset(root, SIZE, split="train", **kwargs), ship_jpegs)
+    return dataset, collate_packed([dataset[i] for i in range(len(dataset))])
 
 
 def pillow_tensors(batch):
-    """The batch's images as the Pillow path reads them: (3, H, W) uint8."""
-    return [torch.from_numpy(np.asarray(read_rgb(io.BytesIO(d), n)).copy()).permute(2, 0, 1)
-            for d, n in zip(batch.data, batch.names)]
+    """The batch's files as the Pillow path reads them: (3, H, W) uint8."""
+    return [torch.from_numpy(np.asarray(read_rgb(n, n)).copy()).permute(2, 0, 1)
+            for n in batch.names]
 
 
-def test_gpu_batch_is_the_op_on_the_decoded_images_with_the_drawn_boxes(tmp_path):
-    sizes = [(40, 56), (64, 48), (37, 90), (120, 80), (50, 50), (33, 70)]
-    write_folder(tmp_path, sizes, kinds=("png", "grey", "png16", "jpeg-cmyk", "jpeg", "png"))
-    _, (batch, labels, skipped) = encoded_batch(tmp_path)
+@pytest.mark.parametrize("ship_jpegs", [False, True], ids=["workers-decode", "thread-decodes"])
+def test_gpu_batch_is_the_op_on_the_decoded_images_with_the_drawn_boxes(tmp_path, ship_jpegs):
+    sizes = [(40, 56), (64, 48), (37, 90), (120, 80), (50, 50), (33, 70), (44, 44), (52, 30)]
+    write_folder(tmp_path, sizes, kinds=("png", "grey", "png16", "jpeg-cmyk", "jpeg",
+                                         "jpeg-grey", "jpeg-progressive", "jpeg-rotated"))
+    _, (batch, labels, skipped) = encoded_batch(tmp_path, ship_jpegs)
     assert skipped == 0 and sorted(map(tuple, batch.shapes.tolist())) == sorted(sizes)
-    prepare = GpuBatches(SIZE, "cpu", seed=3, rank=1)
+    calls = []
+    prepare = GpuBatches(SIZE, "cpu", seed=3, rank=1, decoder=pillow_decoder(calls))
     with running("cpu"):
         imgs, got_labels, unreadable = prepare(batch, labels, 2, 5)
         boxes, flips = prepare.boxes(batch.shapes, 2, 5)
         want = resized_crop(pillow_tensors(batch), boxes, SIZE, flips)
-    assert unreadable == 0 and imgs.shape == (6, 3, SIZE, SIZE) and imgs.dtype == torch.float32
+    assert unreadable == 0 and imgs.shape == (8, 3, SIZE, SIZE) and imgs.dtype == torch.float32
     assert flips.any() and not flips.all()  # the draw flips some, not all (seeded)
     torch.testing.assert_close(got_labels, labels)
-    # where torchvision is installed it decodes the JPEGs: the same libjpeg-turbo, same pixels
+    torch.testing.assert_close(imgs, want, rtol=0, atol=1e-6)
+    # only the whole RGB and greyscale JPEGs without an EXIF rotation travel as bytes
+    shipped = {n.rsplit("/", 1)[1] for n, j in zip(batch.names, batch.jpeg.tolist()) if j}
+    assert shipped == ({"4.jpg", "5.jpg", "6.jpg"} if ship_jpegs else set())
+    assert calls == ([3] if ship_jpegs else [])
+
+
+def test_workers_ship_one_packed_tensor_through_shared_memory(tmp_path):
+    """A DataLoader worker's batch is one uint8 buffer (JPEG bytes and pixels back to back)
+    that reaches the main process in shared memory: no bytes object per image is pickled."""
+    paths = write_folder(tmp_path, kinds=("png", "jpeg"))
+    dataset = EncodedDataset(ImageFolderDataset(tmp_path, SIZE, split="train"), ship_jpegs=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1,
+                                         collate_fn=dataset.collate)
+    (batch, labels, skipped), = list(loader)
+    assert isinstance(batch, PackedBatch) and batch.data.dtype == torch.uint8
+    assert batch.data.is_shared() and batch.data.dim() == 1 and skipped == 0
+    bounds = batch.bounds.tolist()
+    for b, name in enumerate(batch.names):
+        item = batch.data[bounds[b]:bounds[b + 1]]
+        if batch.jpeg[b]:  # the file's own bytes
+            assert bytes(item.numpy()) == open(name, "rb").read()
+        else:
+            h, w = batch.shapes[b].tolist()
+            assert torch.equal(item.view(3, h, w), pillow_tensors(batch)[b])
+    assert sorted(n.rsplit("/", 1)[1] for n in batch.names) == sorted(p.name for p in paths)
+
+
+def test_a_failed_batched_decode_is_split_to_find_the_bad_file(tmp_path):
+    """One JPEG the decoder fails on makes the batched call fail: the batch is halved until
+    that file is alone; Pillow cannot read it either, so it is skipped, named and counted."""
+    paths = write_folder(tmp_path, sizes=[(30 + i, 40) for i in range(8)], kinds=("jpeg",))
+    _, (batch, labels, _) = encoded_batch(tmp_path, ship_jpegs=True)
+    bad = batch.names.index(str(paths[5]))
+    start, stop = batch.bounds[bad].item(), batch.bounds[bad + 1].item()
+    batch.data[start + 300:stop - 2] = 0  # its entropy-coded data wiped: no longer a JPEG
+    calls = []
+    prepare = GpuBatches(SIZE, "cpu", decoder=pillow_decoder(calls))
+    with pytest.warns(RuntimeWarning, match=f"skipping unreadable image {paths[5]}"):
+        imgs, kept_labels, unreadable = prepare(batch, labels, 0, 0)
+    assert unreadable == 1 and imgs.shape[0] == 7 and prepare.take_fallbacks() == 0
+    assert calls[0] == 8 and 1 in calls and len(calls) <= 1 + 2 * math.ceil(math.log2(8))
+    keep = [b for b in range(8) if b != bad]
+    torch.testing.assert_close(kept_labels, labels[keep])
+    boxes, flips = prepare.boxes(batch.shapes, 0, 0)
+    with running("cpu"):
+        want = resized_crop([pillow_tensors(batch)[b] for b in keep], boxes[keep], SIZE,
+                            flips[keep])
     torch.testing.assert_close(imgs, want, rtol=0, atol=1e-6)
 
 
-def test_gpu_path_matches_the_pillow_pipeline_on_the_same_boxes(tmp_path):
-    """Pillow rounds to uint8 between its two passes and at the end, the op once: measured on
-    these images 0.26/255 apart on average, 1.98/255 at most."""
-    write_folder(tmp_path, sizes=((40, 56), (64, 48), (37, 90), (120, 80), (90, 90), (45, 33)))
-    _, (batch, labels, _) = encoded_batch(tmp_path)
-    prepare = GpuBatches(SIZE, "cpu", seed=0)
-    imgs, _, _ = prepare(batch, labels, 0, 0)
-    boxes, flips = prepare.boxes(batch.shapes, 0, 0)
-    pillow = []
-    for data, (top, left, h, w), flip in zip(batch.data, boxes.tolist(), flips.tolist()):
-        img = Image.open(io.BytesIO(data)).convert("RGB").resize(
-            (SIZE, SIZE), Image.BICUBIC, box=(left, top, left + w, top + h))
-        pillow.append(to_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img))
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    diff = ((imgs - torch.stack(pillow)) * std * 255).abs()  # in 1/255 units
-    assert diff.mean() < 0.4 and diff.max() < 2.5, (diff.mean(), diff.max())
+def test_a_file_only_the_device_decoder_fails_on_is_decoded_by_pillow_and_counted(tmp_path):
+    paths = write_folder(tmp_path, sizes=[(30 + i, 40) for i in range(4)], kinds=("jpeg",))
+    _, (batch, labels, _) = encoded_batch(tmp_path, ship_jpegs=True)
+    refused = paths[2].stat().st_size
+    prepare = GpuBatches(SIZE, "cpu", decoder=pillow_decoder(refuses={refused}))
+    with pytest.warns(RuntimeWarning, match=f"pillow-batch failed on {paths[2]} \\(refused\\); "
+                                            f"decoded on the CPU by Pillow"):
+        imgs, _, unreadable = prepare(batch, labels, 0, 0)
+    assert unreadable == 0 and imgs.shape[0] == 4
+    assert prepare.take_fallbacks() == 1 and prepare.take_fallbacks() == 0  # per epoch
+
+
+def broken_decoder(calls):
+    def decode(tensors, device):
+        calls.append(len(tensors))
+        raise RuntimeError("nvjpegCreate failed: NVJPEG_STATUS_ARCH_MISMATCH")
+
+    return JpegDecoder("nvjpeg-test", decode)
+
+
+def test_a_broken_device_decoder_is_one_warning_then_the_cpu_decodes(tmp_path, capsys):
+    """A decoder that fails on every JPEG Pillow reads: the first 4 are taken for odd files
+    (one warning each); at 8 in a row it is broken: one line, then the CPU decodes."""
+    write_folder(tmp_path, sizes=[(30 + i, 40) for i in range(4)], kinds=("jpeg",))
+    _, (batch, labels, _) = encoded_batch(tmp_path, ship_jpegs=True)
+    calls = []
+    prepare = GpuBatches(SIZE, "cpu", decoder=broken_decoder(calls))
+    with pytest.warns(RuntimeWarning, match="nvjpeg-test failed on .*; decoded on the CPU"):
+        first, _, unreadable = prepare(batch, labels, 0, 0)
+    assert unreadable == 0 and first.shape[0] == 4 and capsys.readouterr().err == ""
+    second, _, _ = prepare(batch, labels, 0, 1)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: nvjpeg-test failed on 8 JPEGs in a row that Pillow decodes "
+                   "(nvjpegCreate failed: NVJPEG_STATUS_ARCH_MISMATCH): the loader thread "
+                   "decodes the JPEGs on the CPU from now on (counted as decode_fallbacks; "
+                   "--data-loader pil decodes them in the DataLoader workers)"], err
+    tried = len(calls)
+    again, _, _ = prepare(batch, labels, 0, 0)
+    assert len(calls) == tried and capsys.readouterr().err == ""  # not tried again, said once
+    torch.testing.assert_close(again, first)
+    assert prepare.take_fallbacks() == 12
+    # asked for by name (--data-loader gpu), the run stops with that line instead
+    strict = GpuBatches(SIZE, "cpu", decoder=broken_decoder([]), strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strict(batch, labels, 0, 0)
+    with pytest.raises(ValueError, match=r"^--data-loader gpu: nvjpeg-test failed on 8 JPEGs "
+                                         r"in a row that Pillow decodes .*; use --data-loader "
+                                         r"pil"):
+        strict(batch, labels, 0, 1)
+
+
+def test_the_pillow_path_crops_then_resizes_as_the_gpu_path(tmp_path):
+    """A dark image in a white frame, the box just inside the frame: Pillow's `resize(box=)`
+    would filter the white in at the edges (17 grey levels, measured); cropping first, as
+    torchvision and the fused op do, keeps the edges dark: the loaders agree there."""
+    pixels = np.full((40, 40, 3), 255, np.uint8)
+    pixels[4:36, 4:36] = 30
+    img = Image.fromarray(pixels)
+
+    class Box:  # draws the box (4, 4, 32, 32): area 0.64, ratio 1, at (4, 4)
+        def uniform(self, low, high):
+            return low
+
+        def randint(self, low, high):
+            return 4
+
+    pil = to_tensor(random_resized_crop(img, (SIZE, SIZE), Box(), scale=(0.64, 0.64),
+                                        ratio=(1, 1)))
+    with running("cpu"):
+        op = resized_crop([torch.from_numpy(pixels).permute(2, 0, 1).contiguous()],
+                          torch.tensor([[4, 4, 32, 32]]), SIZE)[0]
+    diff = ((pil - op) * STD * 255).abs()
+    assert diff.max() < 1, diff.max()
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (375, 500), (500, 375), (33, 200), (17, 19)])
@@ -136,19 +280,43 @@ def test_eval_batch_is_within_a_pixel_shift_of_center_resize(tmp_path):
     write_folder(tmp_path, sizes=((64, 64), (96, 72), (80, 120)))
     _, (batch, labels, _) = encoded_batch(tmp_path)
     imgs, _, _ = GpuBatches(SIZE, "cpu", train=False)(batch, labels, 0, 0)
-    pillow = torch.stack([to_tensor(center_resize(Image.open(io.BytesIO(d)).convert("RGB"),
-                                                  (SIZE, SIZE))) for d in batch.data])
+    pillow = torch.stack([to_tensor(center_resize(read_rgb(n, n), (SIZE, SIZE)))
+                          for n in batch.names])
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     diff = ((imgs - pillow) * std * 255).abs()
     assert diff.mean() < 1, diff.mean()
 
 
-def test_built_in_shapes_go_through_png_unchanged():
+def test_decoding_in_sub_batches_under_a_small_budget_gives_the_same_batch(tmp_path, monkeypatch):
+    write_folder(tmp_path, sizes=((200, 300), (64, 48), (37, 90), (150, 120), (20, 20)))
+    _, (batch, labels, _) = encoded_batch(tmp_path)
+    calls = []
+    real = gpu_data.resized_crop
+
+    def recording(data, boxes, size, flips, **kwargs):
+        calls.append((len(boxes), data.numel()))
+        return real(data, boxes, size, flips, **kwargs)
+
+    monkeypatch.setattr(gpu_data, "resized_crop", recording)
+    whole, _, _ = GpuBatches(SIZE, "cpu")(batch, labels, 0, 0)
+    assert [n for n, _ in calls] == [5]
+    calls.clear()
+    budget = 3 * 150 * 120  # less than the first image: it goes alone
+    chunked, _, _ = GpuBatches(SIZE, "cpu", budget=budget)(batch, labels, 0, 0)
+    assert len(calls) > 1 and sum(n for n, _ in calls) == 5
+    assert all(n == 1 or held <= budget for n, held in calls)  # the decoded bytes held at once
+    # the CPU kernel pads its weight matrices to the call's widest crop: sums may differ by ulps
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    for run in gpu_data._chunks([3 * h * w for h, w in batch.shapes.tolist()], budget):
+        assert len(run) == 1 or sum(3 * h * w for h, w in batch.shapes[run].tolist()) <= budget
+
+
+def test_built_in_shapes_go_as_their_pixels():
     dataset = EncodedDataset(ShapesDataset(SIZE, length=4))
     item = dataset[3]
     img, label = dataset.base.load(3)
-    assert item.label == label and item.shape == (64, 64)
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(item.data))), np.asarray(img))
+    assert item.label == label and item.shape == (64, 64) and not item.jpeg
+    assert np.array_equal(item.payload.transpose(1, 2, 0), np.asarray(img))
 
 
 def test_bad_files_are_skipped_counted_and_named(tmp_path):
@@ -157,48 +325,20 @@ def test_bad_files_are_skipped_counted_and_named(tmp_path):
     paths[0].write_bytes(b"not an image")  # the header fails: the worker skips it
     data = paths[1].read_bytes()  # a JPEG whose header reads but whose data is cut short
     paths[1].write_bytes(data[:len(data) * 2 // 3])
-    with pytest.warns(RuntimeWarning, match=str(paths[0])):
-        dataset, (batch, labels, skipped) = encoded_batch(tmp_path)
-    assert skipped == 1 and len(batch) == 3
-    with pytest.warns(RuntimeWarning, match=str(paths[1])):
-        imgs, kept_labels, unreadable = GpuBatches(SIZE, "cpu")(batch, labels, 0, 0)
-    assert unreadable == 1 and imgs.shape[0] == 2 and len(kept_labels) == 2
+    for ship_jpegs in (False, True):  # a cut JPEG goes to Pillow in the worker either way
+        with pytest.warns(RuntimeWarning) as caught:
+            dataset, (batch, labels, skipped) = encoded_batch(tmp_path, ship_jpegs)
+        said = " ".join(str(w.message) for w in caught)
+        assert str(paths[0]) in said and str(paths[1]) in said
+        assert skipped == 2 and len(batch) == 2 and not batch.jpeg[:1].any()
+        imgs, kept_labels, unreadable = GpuBatches(SIZE, "cpu", decoder=pillow_decoder())(
+            batch, labels, 0, 0)
+        assert unreadable == 0 and imgs.shape[0] == 2 and len(kept_labels) == 2
     # the Pillow path counts the same two files
     pil = ImageFolderDataset(tmp_path, SIZE, split="train")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert sum(pil[i] is None for i in range(len(pil))) == 2
-
-
-def test_decoding_in_sub_batches_under_a_small_budget_gives_the_same_batch(tmp_path, monkeypatch):
-    write_folder(tmp_path, sizes=((200, 300), (64, 48), (37, 90), (150, 120), (20, 20)))
-    _, (batch, labels, _) = encoded_batch(tmp_path)
-    crops, calls = [], []
-
-    def recording(images, boxes, size, flips):
-        calls.append(len(images))
-        crops.extend(images)
-        return resized_crop(images, boxes, size, flips)
-
-    monkeypatch.setattr(gpu_data, "resized_crop", recording)
-    # boxes inside each image, one of them whole
-    boxes = torch.tensor([[h // 4, w // 5, h // 2, w // 2] for h, w in batch.shapes.tolist()])
-    boxes[1] = torch.tensor([0, 0, *batch.shapes[1].tolist()])
-    flips = torch.tensor([True, False, False, True, False])
-    whole, kept = decode_resized_crop(batch, boxes, flips, SIZE, "cpu")
-    assert calls == [5] and kept == [0, 1, 2, 3, 4]
-    calls.clear()
-    crops.clear()
-    budget = 3 * 150 * 120  # less than the first image: it goes alone
-    chunked, kept = decode_resized_crop(batch, boxes, flips, SIZE, "cpu", budget=budget)
-    assert len(calls) > 1 and sum(calls) == 5 and kept == [0, 1, 2, 3, 4]
-    # the CPU kernel pads its weight matrices to the call's widest crop: sums may differ by ulps
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
-    # each crop holds its box alone (the decoded image is not kept alive behind it)
-    assert [tuple(c.shape[1:]) for c in crops] == [tuple(b[2:]) for b in boxes.tolist()]
-    assert all(c.untyped_storage().nbytes() == c.numel() for c in crops[:1] + crops[2:4])
-    for run in gpu_data._chunks([3 * h * w for h, w in batch.shapes.tolist()], budget):
-        assert len(run) == 1 or sum(3 * h * w for h, w in batch.shapes[run].tolist()) <= budget
 
 
 def test_boxes_depend_on_seed_epoch_rank_step_only():
@@ -243,24 +383,59 @@ def test_default_loader_is_pil_on_cpu():
                        "--data-loader", "gpu"]).data_loader == "gpu"
 
 
-@pytest.mark.parametrize("torchvision", [True, False])
-def test_default_loader_on_cuda_is_gpu_only_where_torchvision_decodes(monkeypatch, capsys,
-                                                                       torchvision):
+def decoders(monkeypatch, torchcodec=None, torchvision=None):
+    monkeypatch.setattr(gpu_data, "torchcodec_decoder", lambda: torchcodec or (None, None))
+    monkeypatch.setattr(gpu_data, "torchvision_decoder", lambda: torchvision or (None, None))
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision", None])
+def test_the_default_on_cuda_is_gpu_where_a_jpeg_decoder_loads_and_says_which(monkeypatch,
+                                                                              decoder):
     from mae import cli
 
-    monkeypatch.setattr(gpu_data, "_torchvision_io", lambda: object() if torchvision else None)
-    assert gpu_data.default_loader("cuda") == ("gpu" if torchvision else "pil")
+    found = (JpegDecoder(f"{decoder} 9.9", None), None)
+    broken = (None, "torchcodec is installed but does not load (libnvrtc.so.13: cannot open)")
+    decoders(monkeypatch, torchcodec=found if decoder == "torchcodec" else broken,
+             torchvision=found if decoder == "torchvision" else None)
+    assert gpu_data.default_loader("cuda") == ("gpu" if decoder else "pil")
     assert gpu_data.default_loader("cuda:1", video=True) == "pil"
     assert gpu_data.default_loader("cpu") == "pil"
     monkeypatch.setattr(cli, "device", str)  # a CPU-only torch refuses --device cuda itself
     argv = ["linprobe", "--finetune", "x.pth", "--device", "cuda"]
-    assert cli.parse_args(argv).data_loader == ("gpu" if torchvision else "pil")
-    assert capsys.readouterr().err == ""
-    # asked for without torchvision: one line says the main process decodes with Pillow
-    assert cli.parse_args([*argv, "--data-loader", "gpu"]).data_loader == "gpu"
-    warnings_printed = capsys.readouterr().err.splitlines()
-    assert warnings_printed == ([] if torchvision else [gpu_data.pillow_fallback_warning("cuda")])
-    assert torchvision or "Pillow" in warnings_printed[0]
+    assert cli.parse_args(argv).data_loader == ("gpu" if decoder else "pil")
+    note = gpu_data.decoding_note("cuda")
+    if decoder:
+        assert note.startswith(f"JPEGs decoded by {decoder} 9.9 (nvJPEG), other files by "
+                               f"Pillow in the DataLoader workers; crops on cuda")
+    else:
+        assert note.startswith("Pillow decodes in the DataLoader workers (no torchcodec or "
+                               "torchvision to decode JPEGs on the GPU)")
+    assert ("libnvrtc.so.13" in note) == (decoder != "torchcodec")  # why not torchcodec
+    assert gpu_data.jpeg_decoder("cpu") is None  # the CPU's workers decode, in parallel
+
+
+@pytest.mark.parametrize("library", ["torchcodec", "torchvision"])
+def test_the_real_decoders_read_a_batch_as_pillow_does_and_fail_it_on_a_bad_file(tmp_path,
+                                                                                 library):
+    """Where installed and loading (the CI row with torchvision, and torchcodec beside it), each
+    library's own decoder on the CPU: the pixels Pillow reads (the same libjpeg-turbo) and
+    one RuntimeError for a batch holding a broken file, which the bisection relies on."""
+    decoder, why = getattr(gpu_data, f"{library}_decoder")()
+    if decoder is None:
+        pytest.skip(f"{library} is not installed here{f' ({why})' if why else ''}")
+    paths = write_folder(tmp_path, sizes=[(30, 40), (41, 33), (25, 60)],
+                         kinds=("jpeg", "jpeg-grey", "jpeg-progressive"))
+    tensors = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoded = decoder.decode(tensors, torch.device("cpu"))
+    assert not caught, [str(w.message) for w in caught]  # none left in the newest row
+    for img, path in zip(decoded, paths):
+        want = torch.from_numpy(np.asarray(read_rgb(path, path)).copy()).permute(2, 0, 1)
+        assert torch.equal(img, want), path
+    broken = torch.frombuffer(bytearray(paths[0].read_bytes()[:200]), dtype=torch.uint8)
+    with pytest.raises(RuntimeError):
+        decoder.decode([tensors[1], broken], torch.device("cpu"))
 
 
 def test_a_non_square_input_size_falls_back_to_pil_unless_gpu_was_asked_for(capsys):
@@ -381,12 +556,45 @@ def test_finetune_evaluates_through_the_gpu_loader_as_through_pillow(tmp_path, m
             "0", "--warmup-epochs", "1", "--quiet", "--device", "cpu"]
     finetune(parse_args(["finetune", *fast, "--epochs", "1", "--output-dir", str(tmp_path)]))
     decoded = []
-    real = gpu_data.decode_resized_crop
-    monkeypatch.setattr(gpu_data, "decode_resized_crop",
-                        lambda batch, *a, **k: decoded.append(len(batch)) or real(batch, *a, **k))
+    real = gpu_data.GpuBatches._crop
+    monkeypatch.setattr(gpu_data.GpuBatches, "_crop",
+                        lambda self, images, *a: decoded.append(len(images)) or
+                        real(self, images, *a))
     stats = {loader: finetune(parse_args(["finetune", *fast, "--eval", "--resume",
                                           str(tmp_path / "checkpoint-last.pth"),
                                           "--data-loader", loader]))
              for loader in ("gpu", "pil")}
     assert sum(decoded) == 24 and stats["gpu"]["images"] == stats["pil"]["images"] == 24
     assert abs(stats["gpu"]["loss"] - stats["pil"]["loss"]) < 0.05 * stats["pil"]["loss"], stats
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvjpeg_batch_matches_the_cpu_path_on_every_kind_of_file(tmp_path):
+    """The real device decoder (nvJPEG through torchcodec or torchvision) in the loader thread's
+    path on CUDA, against the CPU path on the same boxes: RGB, greyscale and progressive JPEGs
+    decoded on the GPU; CMYK, EXIF-rotated JPEGs and PNG shipped as Pillow's pixels; a cut
+    JPEG skipped by the worker. nvJPEG's IDCT differs from libjpeg-turbo's by a grey level or
+    two on some pixels: compared within 3/255 before normalisation."""
+    decoder = gpu_data.jpeg_decoder("cuda")
+    if decoder is None:
+        pytest.skip("no GPU JPEG decoder (torchcodec or torchvision) is installed")
+    sizes = [(40 + 3 * i, 64 - 2 * i) for i in range(7)]
+    paths = write_folder(tmp_path, sizes, kinds=("jpeg", "jpeg-grey", "jpeg-progressive",
+                                                 "jpeg-cmyk", "jpeg-rotated", "png", "jpeg"))
+    data = paths[6].read_bytes()
+    paths[6].write_bytes(data[:len(data) // 2])
+    with pytest.warns(RuntimeWarning, match=str(paths[6])):
+        _, (batch, labels, skipped) = encoded_batch(tmp_path, ship_jpegs=True)
+    assert skipped == 1 and batch.jpeg.sum() == 3
+    prepare = GpuBatches(SIZE, "cuda", seed=1)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # as the loader thread runs it
+        imgs, got, unreadable = prepare(batch.pin_memory(), labels, 0, 4)
+    stream.synchronize()
+    assert unreadable == 0 and prepare.take_fallbacks() == 0 and imgs.is_cuda
+    boxes, flips = prepare.boxes(batch.shapes, 0, 4)
+    want = resized_crop(pillow_tensors(batch), boxes, SIZE, flips)
+    diff = ((imgs.cpu() - want) * STD * 255).abs()
+    assert diff.max() < 3, diff.max()
+    torch.testing.assert_close(got.cpu(), labels)

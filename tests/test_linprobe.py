@@ -147,6 +147,7 @@ def test_an_augmentation_flag_for_the_demo_is_an_error(encoder, capsys):
     assert len(err) == 1 and err[0].startswith("error: --hflip") and "demo" in err[0]
 
 
+@pytest.mark.slow  # 40 epochs; LARS's step itself: test_lars_is_mae_s_lars
 def test_official_recipe_trains_with_lars_and_learns(encoder, tmp_path):
     """On two of the built-in classes in an image folder (--data-path: the official recipe):
     LARS, augmented images through the frozen encoder each step. The official absolute lr is
@@ -220,7 +221,7 @@ def test_lars_matches_timm_lars_set_up_as_mae_s():
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
-    for a, b in zip(ours.parameters(), theirs.parameters()):
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -247,7 +248,11 @@ def epoch_records(out) -> list[dict]:
 def test_official_recipe_checkpoints_each_epoch_and_resumes_a_stop_bit_for_bit(
         encoder, two_classes, tmp_path, monkeypatch, capsys):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    result = linprobe_module.linprobe(parse_args(probe_run(encoder, two_classes, straight)))
+    args = parse_args(probe_run(encoder, two_classes, straight))
+    # the runs below go through main, which sets torch's threads: so does this one (another
+    # test may have left another count, and a reduction's sums depend on it)
+    torch.set_num_threads(args.threads)
+    result = linprobe_module.linprobe(args)
     # evaluated after every epoch, on every val image, as main_linprobe.py logs it
     logged = epoch_records(straight)
     assert [r["epoch"] for r in logged] == [0, 1, 2] == [r["epoch"] for r in result["epochs"]]
@@ -273,7 +278,8 @@ def test_official_recipe_checkpoints_each_epoch_and_resumes_a_stop_bit_for_bit(
     b = ckpt.load_checkpoint(stopped / "checkpoint-2.pth")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [(r["epoch"], r["loss"], r["val_top1"]) for r in epoch_records(stopped)] == \
         [(r["epoch"], r["loss"], r["val_top1"]) for r in logged]

@@ -61,8 +61,10 @@ def test_tensorboard_and_wandb_get_the_logs_numbers_at_epoch_1000x(tmp_path, mon
 
     acc = EventAccumulator(str(events))
     acc.Reload()
-    assert {"train_loss", "lr", "images_per_sec", "epoch_loss"} <= set(acc.Tags()["scalars"])
-    for tag, key in (("train_loss", "loss"), ("lr", "lr"), ("images_per_sec", "images_per_sec")):
+    assert {"train_loss", "lr", "images_per_sec", "data_wait_ms",
+            "epoch_loss"} <= set(acc.Tags()["scalars"])
+    for tag, key in (("train_loss", "loss"), ("lr", "lr"), ("images_per_sec", "images_per_sec"),
+                     ("data_wait_ms", "data_wait_ms")):
         scalars = acc.Scalars(tag)
         assert [s.step for s in scalars] == expected
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in steps], rel=1e-6)

@@ -1,99 +1,155 @@
-"""`--data-loader gpu`: bytes-only DataLoader workers, decoding and augmentation in the main
-process on the run's device.
+"""`--data-loader gpu`: DataLoader workers read the files, the run's device decodes the JPEGs
+and crops every image in one fused call.
 
-Workers read each file's bytes and label, and its (H, W) from the header (Pillow's `Image.open`
-reads only the header): `EncodedDataset` over an image folder or the built-in shapes (each
-drawn image encoded as PNG in the worker: lossless, so the pixels are exactly the Pillow path's),
-`collate_encoded` into an `EncodedBatch`. The main process (`GpuBatches`, called by the epoch
-loop with the step) draws the batch's boxes and flips from `step_generator(seed, epoch, rank,
-step)`, so a resumed run crops exactly as an uninterrupted one, then `decode_resized_crop`:
-JPEGs (RGB) decoded in sub-batches by `torchvision.io.decode_jpeg` (batched nvJPEG on CUDA),
-every other file (PNG, CMYK, greyscale, 16-bit, or no torchvision) by Pillow on the CPU as
-`.images.to_rgb` reads it, each image cut to its box at once, then `mae_kernels.resized_crop`
-writes the normalised (B, 3, S, S) float32 batch (one call while the crops fit the byte budget).
+Workers (`EncodedDataset` over an image folder or the built-in shapes, `ShardDataset` over tar
+shards) read each file and its header. A JPEG the device decodes (baseline or progressive, RGB
+or greyscale, no EXIF orientation to apply) travels as its bytes; every other file (PNG, WebP,
+CMYK, 16-bit, an EXIF-rotated JPEG, or any file when the device has no JPEG decoder, as on the
+CPU) is decoded in the worker by Pillow exactly as the pil path reads it, and travels as its
+(3, H, W) pixels. `collate_packed` packs a batch into one uint8 tensor (`PackedBatch`), which
+reaches the main process through shared memory and is pinned there on CUDA: nothing is
+pickled per image.
 
-Numerically (the op's docstring states the bounds): the op filters in float and rounds once;
-Pillow rounds to uint8 between its two passes. Evaluation's centre crop is a box in source
-pixels (`center_crop_boxes`), rounded to whole pixels, where `center_resize` resizes the whole
-image then crops: within half a source pixel of the same region, and the filter does not reach
-outside the box.
+`GpuBatches` prepares a batch in the loader thread (`mae.data.prefetch`): boxes and flips drawn
+on the CPU from `step_generator(seed, epoch, rank, step)`, so a resumed run crops exactly as an
+uninterrupted one on any device; the JPEGs decoded in one batched call (nvJPEG, through
+TorchCodec where it loads, else torchvision.io); the decoded and the shipped images packed on
+the device; then one `resized_crop` call (within the op's stated bound of torchvision v2's
+`resized_crop(BICUBIC, antialias=True)`). Nothing on this path synchronises the host with the
+training stream; sizes come from the headers.
+
+Never silent: a batched decode that fails is split until the files it fails on are found. Each
+is given to Pillow: skipped, named and counted where Pillow cannot read it either, decoded on
+the CPU and counted as a fallback where it can. A decoder that fails on every JPEG of a batch
+Pillow reads is broken, not the files: one warning names the cause and the loader thread
+decodes on the CPU from then on (counted), or, under an explicit `--data-loader gpu`, the run
+stops with that line.
+
+Evaluation's centre crop is a box in source pixels (`center_crop_boxes`) where `center_resize`
+resizes the whole image then crops: within half a source pixel of the same region.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
+import sys
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from mae_kernels import random_resized_crop_boxes, resized_crop, step_generator
+from mae_kernels import random_resized_crop_boxes, resized_crop, skip_index_checks, step_generator
 
-from .images import UNREADABLE, ImageFolderDataset, read_rgb
+from .images import UNREADABLE, ImageFolderDataset, read_rgb, to_rgb
 
-# decoded uint8 bytes in flight per sub-batch: bounds the memory a batch of huge images takes
+# decoded uint8 bytes per sub-batch: bounds the memory a batch of huge images takes
 DECODE_BUDGET = 1 << 30
 PRETRAIN_SCALE = (0.2, 1.0)  # main_pretrain.py's RandomResizedCrop scale
+# readable JPEGs the device decoder failed on, with no success between them, that make it
+# broken (a batch holding two odd files is not a broken decoder)
+BROKEN_AFTER = 8
+EXIF_ORIENTATION = 0x0112
 
 
-@dataclass
-class EncodedItem:
-    """One sample as a worker sends it: file bytes, label, name (for warnings), (H, W), and
-    whether it is an RGB JPEG (decodable by torchvision.io, on the GPU too)."""
-    data: bytes
+@dataclasses.dataclass
+class WorkerItem:
+    """One sample as a worker sends it: `payload` is the file's JPEG bytes (`jpeg`: for the
+    device to decode) or its (3, H, W) uint8 pixels; `shape` (H, W) from the header."""
+    payload: bytes | np.ndarray
     label: int
     name: str
     shape: tuple[int, int]
     jpeg: bool
 
 
-def encoded_item(data: bytes, label: int, name: str) -> EncodedItem | None:
-    """The item of a file's bytes; None, with a warning naming it, when its header is not an
-    image Pillow reads (counted as skipped, as the Pillow path counts it)."""
+def device_decodes(img: Image.Image, data: bytes) -> bool:
+    """Whether nvJPEG decodes an opened file as Pillow would: a whole JPEG (it ends with the
+    end-of-image marker: Pillow refuses a cut one, nvJPEG might not) in RGB or greyscale with no
+    EXIF orientation (TorchCodec applies it, torchvision and Pillow do not)."""
+    return (img.format == "JPEG" and img.mode in ("RGB", "L") and data.endswith(b"\xff\xd9")
+            and img.getexif().get(EXIF_ORIENTATION, 1) == 1)
+
+
+def worker_item(data: bytes, label: int, name: str, ship_jpegs: bool) -> WorkerItem | None:
+    """A worker's item of a file's bytes: JPEG bytes the device decodes when `ship_jpegs`,
+    else the pixels as the Pillow path reads them (`to_rgb`); None, with a warning naming the
+    file, when Pillow cannot read it (counted as skipped, as the Pillow path counts it)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            jpeg = img.format == "JPEG" and img.mode == "RGB"
+            if ship_jpegs and device_decodes(img, data):
+                return WorkerItem(data, int(label), str(name), (height, width), True)
+            rgb = to_rgb(img)
     except UNREADABLE as exc:
         warnings.warn(f"skipping unreadable image {name}: {exc}", RuntimeWarning, stacklevel=2)
         return None
-    return EncodedItem(data, int(label), str(name), (height, width), jpeg)
+    return pixels_item(rgb, label, name)
 
 
-@dataclass
-class EncodedBatch:
-    """A batch of readable headers: bytes, names, (B, 2) int64 shapes (H, W), RGB-JPEG flags."""
-    data: list[bytes]
-    names: list[str]
+def pixels_item(rgb: Image.Image, label: int, name: str) -> WorkerItem:
+    pixels = np.asarray(rgb).transpose(2, 0, 1)  # (3, H, W), a view: packing copies it once
+    return WorkerItem(pixels, int(label), str(name), tuple(pixels.shape[1:]), False)
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """A batch as one uint8 buffer: item b is `data[bounds[b]:bounds[b + 1]]`, JPEG bytes where
+    `jpeg[b]`, else its (3, H, W) pixels; `shapes` (B, 2) int64 (H, W) from the headers."""
+    data: torch.Tensor
+    bounds: torch.Tensor
     shapes: torch.Tensor
-    jpeg: list[bool]
+    jpeg: torch.Tensor
+    names: list[str]
 
     def __len__(self):
-        return len(self.data)
+        return len(self.names)
+
+    def pin_memory(self):
+        """The DataLoader's pinning (on CUDA): the buffer the loader thread copies from."""
+        return dataclasses.replace(self, data=self.data.pin_memory())
 
 
-def collate_encoded(batch):
-    """`collate_skipping` for bytes: (EncodedBatch or None, labels or None, skipped count)."""
+def collate_packed(batch):
+    """`collate_skipping` for worker items: (PackedBatch or None, labels or None, skipped)."""
     kept = [item for item in batch if item is not None]
     skipped = len(batch) - len(kept)
     if not kept:
         return None, None, skipped
-    encoded = EncodedBatch([item.data for item in kept], [item.name for item in kept],
-                           torch.tensor([item.shape for item in kept], dtype=torch.int64),
-                           [item.jpeg for item in kept])
-    return encoded, torch.tensor([item.label for item in kept]), skipped
+    bounds = np.cumsum([0] + [len(item.payload) if item.jpeg else item.payload.size
+                              for item in kept])
+    data = _buffer(int(bounds[-1]))
+    flat = data.numpy()
+    for item, start, stop in zip(kept, bounds, bounds[1:]):
+        if item.jpeg:
+            flat[start:stop] = np.frombuffer(item.payload, np.uint8)
+        else:  # (3, H, W) from Pillow's (H, W, 3): one strided copy
+            flat[start:stop].reshape(item.payload.shape)[...] = item.payload
+    packed = PackedBatch(data, torch.from_numpy(bounds),
+                         torch.tensor([item.shape for item in kept], dtype=torch.int64),
+                         torch.tensor([item.jpeg for item in kept]), [item.name for item in kept])
+    return packed, torch.tensor([item.label for item in kept]), skipped
+
+
+def _buffer(numel: int) -> torch.Tensor:
+    """A uint8 buffer; in a DataLoader worker, in shared memory from the start, as PyTorch's
+    default collation makes its batches: it then reaches the main process without a copy."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(numel, dtype=torch.uint8)
+    empty = torch.empty(0, dtype=torch.uint8)
+    return empty.new(empty._typed_storage()._new_shared(numel, device="cpu"))
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Bytes-only items (`EncodedItem`, or None for a file that cannot be read) of a Pillow data
-    set: an `ImageFolderDataset`'s files, or the built-in shapes encoded as PNG."""
+    """The worker items of a Pillow data set: an `ImageFolderDataset`'s files (JPEG bytes for
+    the device where `ship_jpegs`, else pixels), or the built-in shapes (drawn, as pixels)."""
 
-    collate = staticmethod(collate_encoded)
+    collate = staticmethod(collate_packed)
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, ship_jpegs: bool = False):
+        self.base, self.ship_jpegs = base, ship_jpegs
         self.classes = base.classes
 
     def set_epoch(self, epoch: int) -> None:
@@ -102,7 +158,7 @@ class EncodedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.base)
 
-    def __getitem__(self, index: int) -> EncodedItem | None:
+    def __getitem__(self, index: int) -> WorkerItem | None:
         if isinstance(self.base, ImageFolderDataset):
             path, label = self.base.samples[index]
             try:
@@ -111,11 +167,9 @@ class EncodedDataset(torch.utils.data.Dataset):
                 warnings.warn(f"skipping unreadable image {path}: {exc}", RuntimeWarning,
                               stacklevel=2)
                 return None
-            return encoded_item(data, label, str(path))
+            return worker_item(data, label, str(path), self.ship_jpegs)
         img, label = self.base.load(index)
-        buffer = io.BytesIO()
-        img.save(buffer, "PNG", compress_level=1)  # lossless; level 1: the cheapest to write
-        return encoded_item(buffer.getvalue(), label, f"built-in image {index}")
+        return pixels_item(img, label, f"built-in image {index}")
 
 
 def center_crop_boxes(shapes: torch.Tensor, size: int) -> torch.Tensor:
@@ -134,35 +188,85 @@ def center_crop_boxes(shapes: torch.Tensor, size: int) -> torch.Tensor:
     return torch.tensor(boxes, dtype=torch.int64).view(-1, 4)
 
 
+@dataclasses.dataclass(frozen=True)
+class JpegDecoder:
+    """A batched JPEG decoder: `decode(list of 1-D uint8 CPU tensors, device)` -> (3, H, W)
+    uint8 tensors on `device`, RGB; raises RuntimeError when any file fails."""
+    name: str
+    decode: Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
+
+
 @functools.cache
-def _torchvision_io():
-    """torchvision.io where torchvision imports (its decoders are faster), else None."""
+def torchcodec_decoder() -> tuple[JpegDecoder | None, str | None]:
+    """TorchCodec's decoder where it loads with this torch, else (None, why not)."""
     try:
-        import torchvision.io
-    except ImportError:  # the default install has no torchvision: Pillow decodes
-        return None
+        import torchcodec
+        from torchcodec.decoders import decode_jpeg
+    except ImportError:
+        return None, None
+    except (OSError, RuntimeError) as exc:  # built for another torch or CUDA: its library
+        return None, f"torchcodec is installed but does not load ({str(exc).splitlines()[0]})"
+
+    def decode(tensors, device):
+        return decode_jpeg(tensors, mode="RGB", device=device)
+
+    return JpegDecoder(f"torchcodec {torchcodec.__version__}", decode), None
+
+
+QUIET = ".*TorchCodec"  # torchvision's deprecation of its decoders
+
+
+@functools.cache
+def torchvision_decoder() -> tuple[JpegDecoder | None, str | None]:
+    """torchvision.io's decoder where torchvision imports, else (None, why not)."""
+    try:
+        import torchvision
+        import torchvision.io as tvio
+    except ImportError:
+        return None, None
     except RuntimeError as exc:  # one built for another torch: its ops do not register
-        warnings.warn(f"torchvision does not import ({str(exc).splitlines()[0]}): Pillow "
-                      f"decodes the images on the CPU", RuntimeWarning, stacklevel=2)
+        return None, f"torchvision does not import ({str(exc).splitlines()[0]})"
+    def decode(tensors, device):
+        # torchvision >= 0.29 points each call to TorchCodec, which is chosen first where it
+        # loads: said once in the recipe, not per batch (checked each call: a test harness
+        # may reset the filters between calls)
+        if not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == QUIET
+                   for f in warnings.filters):
+            warnings.filterwarnings("ignore", message=QUIET, category=DeprecationWarning)
+        return tvio.decode_jpeg(tensors, mode=tvio.ImageReadMode.RGB, device=device)
+
+    return JpegDecoder(f"torchvision {torchvision.__version__}", decode), None
+
+
+def jpeg_decoder(device) -> JpegDecoder | None:
+    """The device's JPEG decoder: nvJPEG through TorchCodec, else torchvision.io, on CUDA;
+    None on the CPU, where the DataLoader workers decode (in parallel, with Pillow)."""
+    if torch.device(device).type != "cuda":
         return None
-    return torchvision.io
+    return torchcodec_decoder()[0] or torchvision_decoder()[0]
+
+
+def decoding_note(device) -> str:
+    """Who decodes what under --data-loader gpu on `device`, for the recipe printout."""
+    decoder = jpeg_decoder(device)
+    if decoder is not None:
+        note = (f"JPEGs decoded by {decoder.name} (nvJPEG), other files by Pillow in the "
+                f"DataLoader workers; crops on {device}")
+    elif torch.device(device).type == "cuda":
+        note = (f"Pillow decodes in the DataLoader workers (no torchcodec or torchvision to "
+                f"decode JPEGs on the GPU); crops on {device}")
+    else:
+        note = f"Pillow decodes in the DataLoader workers; crops on {device}"
+    if torch.device(device).type == "cuda":  # why not the one before it
+        note += "".join(f"; {why}" for why in (torchcodec_decoder()[1], torchvision_decoder()[1])
+                        if why)
+    return note
 
 
 def default_loader(device, video: bool = False) -> str:
-    """--data-loader's default: gpu on CUDA where torchvision.io imports (nvJPEG decodes
-    there), else pil; without torchvision the main process would decode every image with
-    Pillow alone, where pil's DataLoader workers decode in parallel."""
-    cuda = torch.device(device).type == "cuda"
-    return "gpu" if cuda and not video and _torchvision_io() is not None else "pil"
-
-
-def pillow_fallback_warning(device) -> str | None:
-    """The warning for an explicit --data-loader gpu on CUDA without torchvision.io."""
-    if torch.device(device).type == "cuda" and _torchvision_io() is None:
-        return ("warning: --data-loader gpu without torchvision: the main process decodes "
-                "every image with Pillow (install torchvision for nvJPEG, or use --data-loader "
-                "pil to decode in the DataLoader workers)")
-    return None
+    """--data-loader's default: gpu on CUDA where a GPU JPEG decoder loads, else pil (whose
+    workers also augment: without a decoder the gpu path only moves the crop)."""
+    return "gpu" if not video and jpeg_decoder(device) is not None else "pil"
 
 
 def square_side(size) -> int:
@@ -184,45 +288,16 @@ def loader_for_size(args, size) -> None:
     for (flag or --config), is refused (ValueError)."""
     if args.data_loader != "gpu" or isinstance(size, int) or size[0] == size[1]:
         return
-    if getattr(args, "sources", {}).get("data_loader") in ("flag", "config"):
+    if explicit_gpu_loader(args):
         square_side(size)  # raises, naming the flag
     print(f"--data-loader pil: the input size {size[0]}x{size[1]} is not square, and the gpu "
           f"loader crops squares")
     args.data_loader = "pil"
 
 
-def _pillow_decode(data: bytes, name: str) -> torch.Tensor | None:
-    """(3, H, W) uint8 on the CPU, as the Pillow path reads the file (`to_rgb`)."""
-    img = read_rgb(io.BytesIO(data), name)
-    if img is None:
-        return None
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
-
-
-def _decode(batch: EncodedBatch, indices: list[int], device: torch.device):
-    """{index: (3, H, W) uint8 (on `device` or the CPU) or None} for a sub-batch: RGB JPEGs
-    through torchvision.io in one batched call (on the device when it is CUDA), the rest, and
-    any file that call refuses, by Pillow."""
-    tvio = _torchvision_io()
-    images = {}
-    jpegs = [b for b in indices if batch.jpeg[b]] if tvio is not None else []
-    if jpegs:
-        where = device if device.type == "cuda" else torch.device("cpu")
-        encoded = [torch.frombuffer(bytearray(batch.data[b]), dtype=torch.uint8) for b in jpegs]
-        try:
-            if where.type == "cuda":
-                # NOTE: nvJPEG may write into memory the caching allocator reuses from tensors
-                # that kernels still queued on the stream read (pytorch/vision PR #9606,
-                # meta-pytorch/torchcodec #1634): let them finish first
-                torch.cuda.current_stream(where).synchronize()
-            decoded = tvio.decode_jpeg(encoded, mode=tvio.ImageReadMode.RGB, device=where)
-        except RuntimeError:  # one bad file fails the call: those files go one by one below
-            decoded = [None] * len(jpegs)
-        images.update(zip(jpegs, decoded))
-    for b in indices:
-        if images.get(b) is None:
-            images[b] = _pillow_decode(batch.data[b], batch.names[b])
-    return images
+def explicit_gpu_loader(args) -> bool:
+    """--data-loader gpu was asked for (flag or --config), not chosen as the default."""
+    return getattr(args, "sources", {}).get("data_loader") in ("flag", "config")
 
 
 def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
@@ -237,112 +312,164 @@ def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
     return runs if runs[0] else []
 
 
-def decode_resized_crop(batch: EncodedBatch, boxes: torch.Tensor, flips: torch.Tensor,
-                        size: int, device, budget: int = DECODE_BUDGET):
-    """Decode `batch`, crop each image to its box (top, left, height, width in the header's
-    (H, W)), resize to size x size, flip, normalise: ((K, 3, size, size) float32 on `device`,
-    the K indices into the batch that decoded). A file that does not decode is skipped with a
-    warning naming it.
-
-    Memory: images are decoded in sub-batches of at most `budget` decoded bytes (one image
-    alone when it is larger) and cut to their box at once; the op runs on the crops gathered
-    so far whenever the next sub-batch would take them past the budget (once per batch when
-    they fit): at most about twice `budget` bytes are held, or one image and its crop where a
-    single image is larger, whatever the batch holds."""
-    device = torch.device(device)
-    boxes, flips = boxes.cpu(), flips.cpu()
-    sizes = [3 * h * w for h, w in batch.shapes.tolist()]
-    out = torch.empty(len(batch), 3, size, size, device=device)
-    pending, held, kept = [], 0, []
-
-    def run_op():
-        nonlocal held
-        if pending:
-            index = [b for b, _ in pending]
-            crops = [crop for _, crop in pending]
-            whole = torch.tensor([[0, 0, c.shape[1], c.shape[2]] for c in crops],
-                                 dtype=torch.int64, device=device)
-            out[index] = resized_crop(crops, whole, size, flips[index].to(device))
-            kept.extend(index)
-            pending.clear()
-            held = 0
-
-    for chunk in _chunks(sizes, budget):
-        if held + sum(sizes[b] for b in chunk) > budget:
-            run_op()
-        for b, img in _decode(batch, chunk, device).items():
-            name = batch.names[b]
-            if img is not None and tuple(img.shape[1:]) != tuple(batch.shapes[b].tolist()):
-                warnings.warn(f"skipping image {name}: it decoded to {tuple(img.shape[1:])}, "
-                              f"its header says {tuple(batch.shapes[b].tolist())}",
-                              RuntimeWarning, stacklevel=2)
-                img = None
-            if img is None:
-                continue
-            top, left, h, w = boxes[b].tolist()
-            crop = img[:, top:top + h, left:left + w]
-            if crop.numel() < img.numel() or crop.device != device:
-                # a copy of the box alone (the upload of a CPU-decoded one), so the whole
-                # decoded image is freed with its sub-batch
-                crop = crop.to(device, copy=True, memory_format=torch.contiguous_format)
-            pending.append((b, crop))
-            held += crop.numel()
-    run_op()
-    kept_sorted = sorted(kept)
-    return out[kept_sorted], kept_sorted
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host synchronisation: pinned, copied
+    asynchronously on the current stream (the caching host allocator keeps the pinned copy
+    until the transfer is done)."""
+    if device.type != "cuda":
+        return tensor
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class GpuBatches:
-    """The main-process step of `--data-loader gpu`: called as `prepare(batch, labels, epoch,
-    step)` on what the loader yields (an `EncodedBatch` or None), it returns (images (B, 3, S, S)
-    float32 on `device` or None, labels on `device` or None, files that did not decode).
+    """`prepare(batch, labels, epoch, step)` of `--data-loader gpu`, on what the workers send
+    (a `PackedBatch` or None): (images (K, 3, S, S) float32 on `device` or None, labels on
+    `device` or None, files that did not decode). `fallbacks` counts the files the device
+    decoder failed on that Pillow decoded.
 
     Training boxes: `random_resized_crop_boxes(scale, ratio)` and flips (probability `hflip`)
-    from `step_generator(seed, epoch, rank, step, device)`; evaluation (`train=False`): the
-    centre crop (`center_crop_boxes`), no flip."""
+    from the CPU generator `step_generator(seed, epoch, rank, step)`; evaluation
+    (`train=False`): the centre crop (`center_crop_boxes`), no flip. `decoder` (default: the
+    device's, `jpeg_decoder`) takes the JPEG bytes; `strict`: a broken decoder stops the run."""
 
     def __init__(self, size: int, device, seed: int = 0, rank: int = 0, train: bool = True,
                  scale=PRETRAIN_SCALE, ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 budget: int = DECODE_BUDGET):
+                 budget: int = DECODE_BUDGET, decoder: JpegDecoder | None = None,
+                 strict: bool = False):
         self.size, self.device = square_side(size), torch.device(device)
         self.seed, self.rank, self.train = seed, rank, train
         self.scale, self.ratio, self.hflip, self.budget = tuple(scale), tuple(ratio), hflip, budget
+        self.decoder = decoder or jpeg_decoder(self.device)
+        self.strict = strict
+        self.fallbacks = 0
+        self._failing = 0  # JPEGs Pillow read that the device failed on, since it last decoded
+
+    def take_fallbacks(self) -> int:
+        """The files decoded on the CPU after the device decoder failed, since the last call."""
+        fallbacks, self.fallbacks = self.fallbacks, 0
+        return fallbacks
 
     def boxes(self, shapes: torch.Tensor, epoch: int, step: int):
-        """(boxes (B, 4), flips (B,)) for a batch of `shapes` (B, 2) at (epoch, step)."""
+        """(boxes (B, 4), flips (B,)) on the CPU for a batch of `shapes` (B, 2) at (epoch, step)."""
         if not self.train:
             return center_crop_boxes(shapes, self.size), torch.zeros(len(shapes), dtype=torch.bool)
-        generator = step_generator(self.seed, epoch, self.rank, step, self.device)
-        boxes = random_resized_crop_boxes(shapes.to(self.device), self.scale, self.ratio,
-                                          generator=generator)
-        flips = torch.rand(len(shapes), generator=generator, device=self.device) < self.hflip
+        generator = step_generator(self.seed, epoch, self.rank, step)
+        boxes = random_resized_crop_boxes(shapes, self.scale, self.ratio, generator=generator)
+        flips = torch.rand(len(shapes), generator=generator) < self.hflip
         return boxes, flips
 
-    def __call__(self, batch: EncodedBatch | None, labels, epoch: int, step: int):
+    def __call__(self, batch: PackedBatch | None, labels, epoch: int, step: int):
         if batch is None:
             return None, None, 0
         boxes, flips = self.boxes(batch.shapes, epoch, step)
-        imgs, kept = decode_resized_crop(batch, boxes, flips, self.size, self.device,
-                                         self.budget)
+        shapes = batch.shapes.tolist()
+        outputs, kept = [], []
+        for chunk in _chunks([3 * h * w for h, w in shapes], self.budget):
+            images = self._decode(batch, chunk, shapes)
+            readable = [b for b in chunk if b in images]
+            if readable:
+                outputs.append(self._crop([images[b] for b in readable], boxes[readable],
+                                          flips[readable]))
+                kept += readable
         if not kept:
             return None, None, len(batch)
-        return imgs, labels[kept].to(self.device), len(batch) - len(kept)
+        imgs = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if len(kept) < len(batch):
+            labels = labels[kept]
+        return imgs, _to_device(labels, self.device), len(batch) - len(kept)
 
+    def _crop(self, images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor):
+        """One `resized_crop` call on decoded (3, H, W) images on the device; the boxes were
+        drawn in their bounds (from the headers the decodes matched): no index checks."""
+        sizes = torch.tensor([img.numel() for img in images])
+        meta = torch.cat([torch.tensor([img.shape[1:] for img in images]).view(-1, 2),
+                          (torch.cumsum(sizes, 0) - sizes)[:, None], boxes], 1)
+        meta, flips = _to_device(meta, self.device), _to_device(flips, self.device)
+        data = torch.cat([img.reshape(-1) for img in images])
+        with skip_index_checks():
+            return resized_crop(data, meta[:, 3:], self.size, flips, shapes=meta[:, :2],
+                                offsets=meta[:, 2])
 
-class DecodedLoader:
-    """A loader of `EncodedBatch`es as one of images: (images, labels, skipped) per step,
-    through `prepare` (a `GpuBatches` of evaluation: centre boxes, the same every epoch); for
-    the loops that iterate a loader themselves (evaluation, feature extraction). Training
-    passes `prepare` to `engine.train_one_epoch`, which gives it the epoch and step."""
+    def _decode(self, batch: PackedBatch, chunk: list[int], shapes) -> dict[int, torch.Tensor]:
+        """{index: (3, H, W) uint8 on the device} of the files of `chunk` that decode to their
+        header's size; a warning names each other one."""
+        bounds, jpeg = batch.bounds.tolist(), batch.jpeg.tolist()
+        views = {b: batch.data[bounds[b]:bounds[b + 1]] for b in chunk}
+        images = {b: _to_device(views[b].view(3, *shapes[b]), self.device)
+                  for b in chunk if not jpeg[b]}
+        images.update(self._decode_jpegs([b for b in chunk if jpeg[b]], views, batch.names))
+        for b, img in list(images.items()):
+            if tuple(img.shape[1:]) != tuple(shapes[b]) or img.shape[0] != 3:
+                warnings.warn(f"skipping image {batch.names[b]}: it decoded to "
+                              f"{tuple(img.shape)}, its header says (3, {shapes[b][0]}, "
+                              f"{shapes[b][1]})", RuntimeWarning, stacklevel=2)
+                del images[b]
+        return images
 
-    def __init__(self, loader, prepare: GpuBatches):
-        self.loader, self.prepare = loader, prepare
+    def _decode_jpegs(self, ids: list[int], views, names) -> dict[int, torch.Tensor]:
+        if not ids:
+            return {}
+        if self.decoder is None:  # the device decoder broke earlier in the run
+            self.fallbacks += len(ids)
+            return self._pillow(ids, views, names)
+        if self.device.type == "cuda":
+            # NOTE: nvJPEG may write into memory the caching allocator reuses from tensors
+            # that kernels still queued on the stream read (pytorch/vision PR #9606,
+            # meta-pytorch/torchcodec #1634): this thread's own stream finishes first. The
+            # training stream is not waited for: what it reads was recorded on it.
+            torch.cuda.current_stream(self.device).synchronize()
+        decoded, error = self._bisect(ids, views)
+        failed = [b for b in ids if decoded[b] is None]
+        if len(failed) < len(ids):
+            self._failing = 0  # the device decodes: whatever failed is the files' doing
+        if not failed:
+            return decoded
+        rescued = self._pillow(failed, views, names)
+        if len(failed) == len(ids):
+            self._failing += len(rescued)
+        if self._failing >= BROKEN_AFTER:
+            self._broken(error)  # the decoder, not the files
+        else:
+            for b in rescued:
+                warnings.warn(f"{self.decoder.name} failed on {names[b]} ({error}); decoded "
+                              f"on the CPU by Pillow", RuntimeWarning, stacklevel=2)
+        self.fallbacks += len(rescued)
+        return {**{b: img for b, img in decoded.items() if img is not None}, **rescued}
 
-    def __len__(self):
-        return len(self.loader)
+    def _bisect(self, ids: list[int], views):
+        """({index: decoded or None}, the last error): the batch decoded at once, or, where the
+        call fails, each half of it, down to the files that fail alone."""
+        try:
+            return dict(zip(ids, self.decoder.decode([views[b] for b in ids], self.device))), None
+        except RuntimeError as exc:  # torch.OutOfMemoryError too: nvJPEG uses cudaMalloc
+            if self.device.type == "cuda" and isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            if len(ids) == 1:
+                return {ids[0]: None}, exc
+            half = len(ids) // 2
+            first, first_error = self._bisect(ids[:half], views)
+            second, second_error = self._bisect(ids[half:], views)
+            return {**first, **second}, second_error or first_error
 
-    def __iter__(self):
-        for step, (batch, labels, skipped) in enumerate(self.loader):
-            imgs, labels, unreadable = self.prepare(batch, labels, 0, step)
-            yield imgs, labels, skipped + unreadable
+    def _pillow(self, ids: list[int], views, names) -> dict[int, torch.Tensor]:
+        """{index: pixels on the device} of the files Pillow reads (a warning names the others)."""
+        images = {}
+        for b in ids:
+            rgb = read_rgb(io.BytesIO(views[b].numpy().tobytes()), names[b])
+            if rgb is not None:
+                pixels = torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy())
+                images[b] = _to_device(pixels, self.device)
+        return images
 
+    def _broken(self, error) -> None:
+        line = (f"{self.decoder.name} failed on {self._failing} JPEGs in a row that Pillow "
+                f"decodes ({error})")
+        if self.strict:
+            raise ValueError(f"--data-loader gpu: {line}; use --data-loader pil (Pillow in the "
+                             f"DataLoader workers)")
+        print(f"warning: {line}: the loader thread decodes the JPEGs on the CPU from now on "
+              f"(counted as decode_fallbacks; --data-loader pil decodes them in the DataLoader "
+              f"workers)", file=sys.stderr)
+        self.decoder = None

@@ -60,8 +60,10 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 
 def random_resized_crop(img: Image.Image, size: tuple[int, int], rng: random.Random,
                         scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """Crop a random area fraction in `scale` with aspect ratio in `ratio` (log-uniform), resize
-    bicubically; after ten misses, the centre crop at the nearest allowed ratio."""
+    """Crop a random area fraction in `scale` with aspect ratio in `ratio` (log-uniform), then
+    resize it bicubically, as torchvision's RandomResizedCrop does (`resize(box=)` would filter
+    with the pixels around the box, not only those inside it); after ten misses, the centre
+    crop at the nearest allowed ratio."""
     W, H = img.size
     area = W * H
     for _ in range(10):
@@ -81,7 +83,7 @@ def random_resized_crop(img: Image.Image, size: tuple[int, int], rng: random.Ran
         else:
             w, h = W, H
         left, top = (W - w) // 2, (H - h) // 2
-    return img.resize((size[1], size[0]), Image.BICUBIC, box=(left, top, left + w, top + h))
+    return img.crop((left, top, left + w, top + h)).resize((size[1], size[0]), Image.BICUBIC)
 
 
 def center_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:

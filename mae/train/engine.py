@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -25,19 +26,24 @@ from ..checkpoints.files import (
     CheckpointError,
     atomic_save,
     checkpoints_newest_first,
+    link_atomically,
     load_checkpoint,
     load_weights,
     remove_stale_temporaries,
-    save_training_state,
     weights_kind,
     write_atomically,
 )
 from ..data.images import collate_skipping
+from ..data.prefetch import DEFAULT_DEPTH, DeviceLoader, Prefetcher
 from . import distributed, fsdp, preemption, tracking
 from .optim import lr_at, set_lr
 from .preemption import Preempted
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+# a stop's save of more model and optimizer state than this is written by every rank (DCP)
+PARALLEL_SAVE_BYTES = 2**30
+# the values a mid-epoch checkpoint resumes only with (the epoch's order, crops and steps)
+MID_EPOCH_KEYS = ("seed", "batch_size", "accum_iter", "data_path", "dataset_size", "train_size")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,9 +55,15 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     mixup, drop path, the loader's worker seeds) as a function of (seed, epoch, rank), so a
     resumed run draws exactly what an uninterrupted one would, on every rank."""
     value = (seed * 1_000_003 + epoch) * 1_009 + rank
+    numpy_seed = value % 2**32
+    if rank >= 1_009:  # where the value above repeats one of the next epoch's: a hash of
+        # all three with its top bit set, which no rank below 1,009 draws (theirs stay as ever)
+        value = 2**63 | int(np.random.SeedSequence([seed, epoch, rank]).generate_state(
+            1, np.uint64)[0])
+        numpy_seed = [value % 2**32, value >> 32]
     torch.manual_seed(value)
     random.seed(value)
-    np.random.seed(value % 2**32)
+    np.random.seed(numpy_seed)
 
 
 class JsonLog:
@@ -68,6 +80,12 @@ class JsonLog:
                 f.write(json.dumps(record) + "\n")
         for sink in self.sinks:
             sink.write(record)
+
+    def continue_from(self, x: int, saved_args: dict) -> None:
+        """A resumed run logs again from `x` on the epoch_1000x axis: the sinks hear it
+        (TensorBoard purges what a killed run logged from there, W&B continues its run)."""
+        for sink in self.sinks:
+            sink.continue_from(x, saved_args)
 
     def records(self, kind: str) -> list[dict]:
         """The log's records of `kind` so far (none on a rank that does not write it), read as
@@ -175,10 +193,22 @@ def make_loader(dataset, args, rank: int, world_size: int, device, train: bool =
     return sampler, loader
 
 
+def evaluation_loader(dataset, args, rank: int, world_size: int, device,
+                      prepare=None) -> DeviceLoader:
+    """Every image of `dataset` once over the ranks, made ready on the device ahead of the
+    step by the loader thread (`--prefetch` deep), through `prepare` where the workers send
+    files (`--data-loader gpu`: centre crops)."""
+    _, loader = make_loader(dataset, args, rank, world_size, device, train=False)
+    return DeviceLoader(loader, device, prepare, getattr(args, "prefetch", DEFAULT_DEPTH))
+
+
 def wrap_for_training(model, args, world_size: int, device):
     """Activation checkpointing (--grad-checkpointing), then FSDP2 in place (--fsdp; compiled
-    per block), or torch.compile (--compile) and DistributedDataParallel around the model.
-    Build the optimizer after this: FSDP2 replaces the parameters by sharded ones."""
+    per block), or DistributedDataParallel around the model and torch.compile (--compile)
+    around that, as PyTorch recommends: dynamo then splits the graph at DDP's buckets, so each
+    bucket's all-reduce overlaps the rest of the backward (a compiled model inside DDP would
+    finish its whole backward before the first). Build the optimizer after this: FSDP2
+    replaces the parameters by sharded ones."""
     if getattr(args, "grad_checkpointing", False):
         fsdp.set_grad_checkpointing(model)
     if getattr(args, "fsdp", False):
@@ -186,35 +216,61 @@ def wrap_for_training(model, args, world_size: int, device):
             print("--fsdp on one process: FSDP2 over a group of one (nothing is sharded; the "
                   "checkpoints are sharded ones, which resume on any number of processes)")
         return fsdp.shard_model(model, device, args.amp, args.compile)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = model
     if world_size > 1:
         train_model = DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return train_model
+    return torch.compile(train_model) if args.compile else train_model
+
+
+class EpochResult(NamedTuple):
+    loss: float  # the mean over the epoch's steps and the processes
+    skipped: int  # this process's images that could not be read or were left out with them
+    data_wait_ms: float  # the training thread's wait for its batches, ms per step
+
+
+def epoch_record(epoch: int, result: EpochResult, seconds: float, prepare=None, **more) -> dict:
+    """The log's record of an epoch: its loss, its data (images skipped, the data wait, and with
+    the gpu loader's `prepare` the files its device decoder failed on, decoded on the CPU)."""
+    record = dict(kind="epoch", epoch=epoch, loss=result.loss, skipped_images=result.skipped,
+                  data_wait_ms=result.data_wait_ms, seconds=seconds)
+    if prepare is not None:
+        record["decode_fallbacks"] = prepare.take_fallbacks()
+    return {**record, **more}
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, lr, loss_fn,
-                    resumed=None, prepare=None, *, saves):
-    """One pass over the loader, `loss_fn(model, imgs, labels) -> loss` per step; returns the
-    epoch's mean loss and the skipped-image count (an epoch that read no image is an error).
-    `resumed` (a mid-epoch `Start`; its sampler skips the steps done) continues at its step
-    with its random streams and the epoch's sums so far. Under `mae`'s stop signals
-    (`preemption`), saves `saves` (the model unwrapped: no DDP, no compile) and the optimizer at
-    the step at which the ranks agreed to stop (never the epoch's last one: the epoch then ends
-    as usual) in checkpoint-last, then raises `Preempted`, its DataLoader workers shut down.
-    `prepare(batch, labels, epoch, step) -> (images, labels, unreadable)` turns what a
-    bytes-only loader yields into the step's images (`data.gpu.GpuBatches`: decoding and
-    crops drawn from the step)."""
+                    resumed=None, prepare=None, *, saves) -> EpochResult:
+    """One pass over the loader, `loss_fn(model, imgs, labels) -> loss` per step (an epoch that
+    read no image is an error). `resumed` (a mid-epoch `Start`; its sampler skips the steps
+    done) continues at its step with its random streams and the epoch's sums so far. Under
+    `mae`'s stop signals (`preemption`), saves `saves` (the model unwrapped: no DDP, no compile)
+    and the optimizer at the step at which the ranks agreed to stop (never the epoch's last one:
+    the epoch then ends as usual) in checkpoint-last, then raises `Preempted`, its DataLoader
+    workers shut down. The batches are made ready ahead of the step by a loader thread
+    (`data.prefetch`, `--prefetch` batches deep): `prepare(batch, labels, epoch, step) ->
+    (images, labels, unreadable)` turns what a bytes-only loader yields into the step's images
+    (`data.gpu.GpuBatches`); a step at which any rank has no image is skipped by every rank."""
     model.train()
-    amp_dtype = AMP_DTYPES[args.amp]
     first = resumed.step if resumed is not None else 0  # `i` below is the true step
-    steps_per_epoch = len(loader)
+    batches = Prefetcher(loader, device, prepare, epoch=epoch, first=first,
+                         depth=getattr(args, "prefetch", DEFAULT_DEPTH),
+                         group=distributed.data_group())  # draws the workers' seed, as ever
+    try:
+        if resumed is not None:
+            restore_rng(resumed.rng, device)
+        return _epoch(model, batches, len(loader), first, optimizer, scaler, device, epoch,
+                      args, log, lr, loss_fn, resumed, saves)
+    finally:
+        batches.close()  # the workers exit now, not with the process
+
+
+def _epoch(model, batches, steps_per_epoch, first, optimizer, scaler, device, epoch, args, log,
+           lr, loss_fn, resumed, saves) -> EpochResult:
+    amp_dtype = AMP_DTYPES[args.amp]
     main = distributed.is_main()
     stop = preemption.active()
-    batches = iter(loader)  # draws the workers' seed from the epoch's streams, as ever
-    if resumed is not None:
-        restore_rng(resumed.rng, device)
     bar = tqdm(batches, desc=f"epoch {epoch}", disable=not main or args.quiet, leave=False,
                dynamic_ncols=True, total=steps_per_epoch, initial=first)
     loss_sum = torch.zeros((), device=device)
@@ -224,39 +280,19 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
     if resumed is not None:  # the epoch's sums so far: its mean and log windows as ever
         loss_sum, window_sum, first_bad = (t.to(device) for t in resumed.totals["sums"])
         seen, window_steps, window_seen, skipped = resumed.totals["counts"]
-    window_start = time.perf_counter()
+    window_start, window_first, window_wait = time.perf_counter(), first, 0.0
     optimizer.zero_grad(set_to_none=True)
     stopped = None
     for i, (imgs, labels, n_skipped) in enumerate(bar, first):
-        if prepare is not None:
-            imgs, labels, unreadable = prepare(imgs, labels, epoch, i)
-            n_skipped += unreadable
         skipped += n_skipped
         iteration = epoch * steps_per_epoch + i
         if imgs is not None:
             if i % args.accum_iter == 0:
                 set_lr(optimizer, lr_at(i / steps_per_epoch + epoch, lr, args.min_lr,
                                         args.warmup_epochs, args.epochs))
-            imgs = imgs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
             boundary = (i + 1) % args.accum_iter == 0 or i + 1 == steps_per_epoch
-            sync = contextlib.nullcontext()
-            if isinstance(model, DistributedDataParallel) and not boundary:
-                sync = model.no_sync()
-            if isinstance(model, FSDPModule):  # FSDP2's no_sync: reduce-scatter at the boundary
-                model.set_requires_gradient_sync(boundary)
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(model, imgs, labels)
-                scaler.scale(loss / args.accum_iter).backward()
-            if boundary:
-                if args.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            loss = loss.detach().float()
+            loss = _step(model, imgs, labels, optimizer, scaler, device, amp_dtype, args,
+                         loss_fn, boundary)
             # Tracked on the device: no host sync per step, checked when we log.
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), iteration, first_bad)
             loss_sum += loss
@@ -275,15 +311,16 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
             window_loss = float(distributed.all_reduce_mean(window_sum / max(window_steps, 1)))
             elapsed = time.perf_counter() - window_start
             images_per_sec = window_seen * args.world_size / max(elapsed, 1e-9)
+            wait_ms = (batches.wait_s - window_wait) * 1000 / (i + 1 - window_first)
             current_lr = max(group["lr"] for group in optimizer.param_groups)
             bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{current_lr:.2e}",
-                            img_s=f"{images_per_sec:.0f}")
+                            img_s=f"{images_per_sec:.0f}", data_ms=f"{wait_ms:.0f}")
             log.write(kind="step", epoch=epoch, step=iteration, loss=window_loss, lr=current_lr,
-                      images_per_sec=images_per_sec,
+                      images_per_sec=images_per_sec, data_wait_ms=wait_ms,
                       epoch_1000x=int((i / steps_per_epoch + epoch) * 1000))  # TensorBoard's x
             window_sum.zero_()
             window_steps = window_seen = 0
-            window_start = time.perf_counter()
+            window_start, window_first, window_wait = time.perf_counter(), i + 1, batches.wait_s
         may_stop = (i + 1) % args.accum_iter == 0 and i + 1 < steps_per_epoch
         if stop is not None and stop.after_step(iteration, may_stop):
             totals = {"sums": [t.cpu() for t in (loss_sum, window_sum, first_bad)],
@@ -294,7 +331,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
             break
     if stopped is not None:
         bar.close()
-        del bar, batches  # the workers exit now, not with the process
+        del bar
+        batches.close()  # the workers exit before the save
         save_stopped(args, saves, optimizer, scaler, stopped)
         raise stopped
     # With every file unreadable the loop "trains" at loss 0 and would save an untrained model.
@@ -305,7 +343,32 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log, 
                          f"--data-path {args.data_path} were unreadable (see the warnings); "
                          f"nothing of this epoch was saved")
     mean_loss = float(distributed.all_reduce_mean(loss_sum / max(seen, 1)))
-    return mean_loss, skipped
+    return EpochResult(mean_loss, skipped,
+                       batches.wait_s * 1000 / max(1, steps_per_epoch - first))
+
+
+def _step(model, imgs, labels, optimizer, scaler, device, amp_dtype, args, loss_fn,
+          boundary: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch, the optimizer step at an accumulation
+    `boundary` (where DDP and FSDP reduce the gradients); returns the detached float loss."""
+    sync = contextlib.nullcontext()
+    ddp = getattr(model, "_orig_mod", model)  # --compile wraps DDP (wrap_for_training)
+    if isinstance(ddp, DistributedDataParallel) and not boundary:
+        sync = ddp.no_sync()
+    if isinstance(model, FSDPModule):  # FSDP2's no_sync: reduce-scatter at the boundary
+        model.set_requires_gradient_sync(boundary)
+    with sync:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model, imgs, labels)
+        scaler.scale(loss / args.accum_iter).backward()
+    if boundary:
+        if args.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float()
 
 
 def evaluate(model, loader, device, amp_dtype) -> dict:
@@ -318,10 +381,10 @@ def evaluate(model, loader, device, amp_dtype) -> dict:
             torch.distributed.broadcast(buffer, 0)
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, images
-    for imgs, labels, _ in loader:
+    batches = loader if isinstance(loader, DeviceLoader) else DeviceLoader(loader, device)
+    for imgs, labels, _ in batches:  # on the device, made ready ahead by the loader thread
         if imgs is None:
             continue
-        imgs, labels = imgs.to(device), labels.to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
                                              enabled=amp_dtype is not None):
             logits = model(imgs).float()
@@ -337,33 +400,88 @@ def evaluate(model, loader, device, amp_dtype) -> dict:
             "loss": totals[2].item() / n, "images": int(totals[3].item())}
 
 
+def evaluation_text(stats: dict | None) -> str:
+    """The end of an epoch's line: its evaluation, or why it has none (`stop_pending`)."""
+    if not stats:
+        return "stopping: no evaluation, checkpoint-last alone"
+    return (f"val top-1 {stats['top1']:.1f} top-5 {stats['top5']:.1f} ({stats['images']} "
+            f"images)")
+
+
 def resume_state(args, main: bool):
     """(contents, path) of `--resume`; for 'auto' the run's newest checkpoint that loads, saying
-    which ones it passed over; (None, None) when there is nothing to resume."""
+    which ones it passed over; (None, None) when there is nothing to resume. Under 'auto' rank 0
+    alone chooses and tells the others (ranks globbing the folder each on its own could pick
+    different ones: a transient read error, NFS attribute caching, a `.old` directory put back
+    meanwhile). Where any rank cannot read the checkpoint, or reads another position in it,
+    every rank stops with that error: one rank alone would leave the rest hanging."""
     if not args.resume:
         return None, None
-    def read(path):  # of a sharded checkpoint its extras only: the shards load in place
-        if sharded.is_sharded(path):
-            return sharded.read_extras(path)
-        return load_checkpoint(path, trust=args.unsafe_trust_checkpoint)
+    state = error = None
+    path = args.resume
+    if args.resume == "auto":
+        if main:
+            state, path, error = _newest_loadable(args)
+        path, error = distributed.broadcast_from_main((path, error))
+        if path is None and error is not None:
+            raise CheckpointError(error)
+        if path is None:
+            return None, None
+    if state is None:
+        try:
+            state = _read_resumable(args, path)
+        except CheckpointError as exc:
+            error = str(exc)
+    position = None if state is None else (state.get("epoch"), state.get("step"))
+    read = distributed.all_gather((error, position))
+    where = "" if len(read) == 1 else f" (process {{}} of {len(read)})"
+    for rank, (failed, held) in enumerate(read):
+        if failed is not None:
+            raise CheckpointError(failed + where.format(rank))
+        if held != read[0][1]:
+            raise CheckpointError(f"--resume {args.resume}: {path} held (epoch, step) {held} "
+                                  f"on process {rank} but {read[0][1]} on rank 0: it changed "
+                                  f"while they read it")
+    return state, path
 
-    if args.resume != "auto":
-        return read(args.resume), args.resume
+
+def _read_resumable(args, path) -> dict:
+    """A checkpoint's contents; of a sharded one its extras only (the shards load in place)."""
+    if sharded.is_sharded(path):
+        return sharded.read_extras(path)
+    return load_checkpoint(path, trust=args.unsafe_trust_checkpoint)
+
+
+def _newest_loadable(args):
+    """Rank 0 under --resume auto: (contents, path, None) of the newest checkpoint that loads,
+    (None, None, None) without any, (None, None, error) when none loads."""
     unreadable = []
     for path in checkpoints_newest_first(args.output_dir):
         try:
-            state = read(path)
+            state = _read_resumable(args, path)
         except CheckpointError as exc:
             unreadable.append(str(exc))
             continue
-        if unreadable and main:
+        if unreadable:
             print(f"--resume auto: passed over {len(unreadable)} unreadable checkpoint(s) "
                   f"({'; '.join(unreadable)}); resuming from {path}, the newest that loads")
-        return state, path
+        return state, path, None
     if unreadable:
-        raise CheckpointError(f"--resume auto: no checkpoint in {args.output_dir} loads "
-                              f"({'; '.join(unreadable)})")
-    return None, None
+        return None, None, (f"--resume auto: no checkpoint in {args.output_dir} loads "
+                            f"({'; '.join(unreadable)})")
+    return None, None, None
+
+
+def checkpoint_to_evaluate(args, main: bool):
+    """--eval's (contents, path): --resume's checkpoint (a path, or 'auto': the run's newest),
+    one of this command's."""
+    if not args.resume:
+        raise ValueError("--eval needs the trained weights: --resume CHECKPOINT (or auto)")
+    state, path = resume_state(args, main)
+    if state is None:
+        raise CheckpointError(f"--eval --resume auto: no checkpoint in {args.output_dir}")
+    check_resumable(args, state, path)
+    return state, path
 
 
 def check_resumable(args, state: dict, path) -> None:
@@ -422,20 +540,40 @@ def _start_after(args, state: dict, path, log: JsonLog) -> Start:
     with: the step's data and random streams are per process."""
     epoch, steps = state["epoch"], state.get("steps_per_epoch")
     done = state.get("epoch_step", steps)
+    saved = state.get("args") or {}
     if steps is None or done >= steps:  # an epoch-end checkpoint
         log.drop_from(epoch + 1)
+        log.continue_from((epoch + 1) * 1000 + 1, saved)  # after the epoch's own record
+        if distributed.is_main():
+            _catch_up_numbered(args, Path(path), epoch)
         return Start(epoch + 1)
+    where = f"--resume {path} stopped mid-epoch (epoch {epoch} step {done})"
     streams = state.get("rng") or []
     if len(streams) != args.world_size:
-        raise CheckpointError(f"--resume {path} stopped mid-epoch (epoch {epoch} step {done}) "
-                              f"in a run of {len(streams)} process(es): continue it with "
-                              f"{len(streams)}, not {args.world_size}")
+        raise CheckpointError(f"{where} in a run of {len(streams)} process(es): continue it "
+                              f"with {len(streams)}, not {args.world_size}")
+    for key in MID_EPOCH_KEYS:  # what the rest of the epoch's data and steps depend on
+        if key in saved and saved[key] != getattr(args, key, None):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{where} with {flag} {saved[key]}, not {getattr(args, key)}: "
+                                  f"a mid-epoch resume continues its epoch's data and random "
+                                  f"streams only with the {flag} it was saved with")
     log.drop_from(epoch, epoch * steps + done)
+    log.continue_from(int((done / steps + epoch) * 1000), saved)
     if distributed.is_main():
         print(f"continuing epoch {epoch} at step {done} of {steps}, its random streams restored")
     mine = dict(streams[distributed.rank()])
     totals = mine.pop("totals")
     return Start(epoch, done, mine, steps, totals)
+
+
+def _catch_up_numbered(args, path: Path, epoch: int) -> None:
+    """Rank 0, resuming the run's own epoch-end checkpoint-last: its numbered copy, where the
+    save skipped it for a pending stop (`stop_pending`)."""
+    own = (path.stem == Path(LAST_CHECKPOINT).stem
+           and path.resolve().parent == Path(args.output_dir).resolve())
+    if own and not (path.parent / f"checkpoint-{epoch}{path.suffix}").exists():
+        copy_numbered(args, path, epoch)
 
 
 def enter_epoch(sampler, epoch: int, start: Start, args) -> Start | None:
@@ -556,26 +694,66 @@ def last_checkpoint(args) -> Path:
 
 
 def save_stopped(args, model, optimizer, scaler, stopped: Preempted) -> None:
-    """Called by every rank on a mid-epoch stop: checkpoint-last at the step it stopped after
-    (rank 0's .pth file; under --fsdp every rank's shards)."""
+    """Called by every rank on a mid-epoch stop: checkpoint-last at the step it stopped after.
+    Under --fsdp every rank writes its shards. So does every rank of a run whose model and
+    optimizer state passes PARALLEL_SAVE_BYTES, into checkpoint-last/ (DCP gives each rank its
+    share of the replicated tensors: they write in parallel, where rank 0 alone would take N
+    times as long); else rank 0 writes checkpoint-last.pth."""
     extras = training_extras(args, scaler, stopped.epoch, stopped.step, stopped.steps_per_epoch,
                              stopped.rng_states)
     path = last_checkpoint(args)
-    if getattr(args, "fsdp", False):
-        sharded.save_sharded(model, optimizer, extras, path)
+    parallel = args.world_size > 1 and state_bytes(model, optimizer) > PARALLEL_SAVE_BYTES
+    if getattr(args, "fsdp", False) or parallel:
+        path = sharded.save_sharded(model, optimizer, extras, path.with_suffix(""))
+        if distributed.is_main():  # the epoch-end .pth before it, superseded
+            (path.parent / LAST_CHECKPOINT).unlink(missing_ok=True)
     elif distributed.is_main():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extras}
         atomic_save(state, path)
     stopped.path = path
 
 
-def save_epoch(args, model, optimizer, scaler, epoch: int, steps_per_epoch: int) -> None:
-    """Called by every rank: under --fsdp each writes its shards (checkpoint-last/ and, at the
-    cadence, checkpoint-<epoch>/), otherwise rank 0 writes the .pth files."""
+def state_bytes(model, optimizer) -> int:
+    """The bytes a checkpoint of `model` and `optimizer` holds (this rank's, under FSDP)."""
+    tensors = [*model.state_dict().values(),
+               *(v for state in optimizer.state.values() for v in state.values())]
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+def stop_pending(args, epoch: int) -> bool:
+    """Every rank, at the end of `epoch` (before the run's last): whether the ranks agree that
+    a stop signal came during its last step or since. The epoch then saves checkpoint-last and
+    nothing else on the way out (no evaluation, figure or numbered copy: `resume_from` makes
+    that copy), so that the stop fits the grace time."""
+    stop = preemption.active()
+    return epoch + 1 < args.epochs and stop is not None and stop.agree()
+
+
+def save_epoch(args, model, optimizer, scaler, epoch: int, steps_per_epoch: int,
+               stopping: bool = False) -> None:
+    """Called by every rank at an epoch's end (one process may call it alone without --fsdp):
+    checkpoint-last (under --fsdp every rank's shards, else rank 0's .pth file) and, at the
+    cadence, checkpoint-<epoch> as a second name of its files, unless `stopping`."""
     extras = training_extras(args, scaler, epoch, steps_per_epoch, steps_per_epoch)
+    path = last_checkpoint(args)
     if getattr(args, "fsdp", False):
-        sharded.save_training_state(model, optimizer, extras, args.output_dir, epoch, args.epochs,
-                                    args.save_every)
+        sharded.save_sharded(model, optimizer, extras, path)
     elif distributed.is_main():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extras}
-        save_training_state(state, args.output_dir, epoch, args.epochs, args.save_every)
+        atomic_save(state, path)
+        shutil.rmtree(path.with_suffix(""), ignore_errors=True)  # a stop's parallel save
+    if not stopping and distributed.is_main():
+        copy_numbered(args, path, epoch)
+
+
+def copy_numbered(args, last: Path, epoch: int) -> None:
+    """Rank 0: checkpoint-<epoch> (a .pth file, or a sharded folder, as `last` is), the rolling
+    checkpoint `last` under its number, at the official cadence (epoch 0, every --save-every
+    epochs, and the last); hard links, so it costs no write."""
+    if epoch % args.save_every and epoch + 1 != args.epochs:
+        return
+    numbered = Path(args.output_dir) / f"checkpoint-{epoch}{last.suffix}"
+    if last.is_dir():
+        sharded.copy_sharded(last, numbered)
+    else:
+        link_atomically(last, numbered)

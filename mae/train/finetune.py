@@ -17,21 +17,25 @@ import torch
 import torch.nn as nn
 
 from ..checkpoints.files import CheckpointError, load_checkpoint, load_weights, model_weights
-from ..data.gpu import DecodedLoader, GpuBatches, loader_for_size
+from ..data.gpu import GpuBatches, explicit_gpu_loader, jpeg_decoder, loader_for_size
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..data.shards import open_dataset
 from ..models.image import MODEL_CONFIGS, model_config_of, resolve_config
 from ..models.pos_embed import interpolate_pos_embed
 from .engine import (
     AMP_DTYPES,
-    check_resumable,
+    checkpoint_to_evaluate,
     enter_epoch,
+    epoch_record,
     evaluate,
+    evaluation_loader,
+    evaluation_text,
     make_loader,
     resume_from,
     save_epoch,
     seed_epoch,
     start_run,
+    stop_pending,
     train_one_epoch,
     wrap_for_training,
 )
@@ -92,8 +96,9 @@ def require_timm():
 
 
 def vit_config(name: str, **overrides) -> dict:
-    """The encoder of a named MAE model (`vit_base_patch16` or `mae_vit_base_patch16`)."""
-    key = name if name.startswith("mae_") else f"mae_{name}"
+    """The encoder of a named MAE model (`vit_base_patch16` or `mae_vit_base_patch16`; Pixio's
+    and CrossMAE's by their names)."""
+    key = name if name in MODEL_CONFIGS else f"mae_{name}"
     if key not in MODEL_CONFIGS:
         names = sorted(k.removeprefix("mae_") for k in MODEL_CONFIGS)
         raise ValueError(f"--model must be one of {names}, got {name!r}")
@@ -101,9 +106,11 @@ def vit_config(name: str, **overrides) -> dict:
 
 
 def encoder_of(mae_config: dict) -> dict:
-    return {k: mae_config[k] for k in ("img_size", "patch_size", "in_chans", "encoder_dim",
-                                       "encoder_layers", "encoder_heads", "mlp_ratio",
-                                       "encoder_mlp_dim")}
+    encoder = {k: mae_config[k] for k in ("img_size", "patch_size", "in_chans", "encoder_dim",
+                                          "encoder_layers", "encoder_heads", "mlp_ratio",
+                                          "encoder_mlp_dim")}
+    # Pixio's 8 cls tokens (fine-tunings saved before it had one)
+    return {**encoder, "n_cls_tokens": mae_config.get("n_cls_tokens", 1)}
 
 
 def build_vit(config: dict, num_classes: int, drop_path: float, global_pool: bool):
@@ -122,6 +129,8 @@ def build_vit(config: dict, num_classes: int, drop_path: float, global_pool: boo
         / config["encoder_dim"], qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path,
         global_pool="avg" if global_pool else "token", fc_norm=global_pool,
+        # Pixio's 8 cls tokens: timm's cls token and 7 register tokens, in that order
+        **({"reg_tokens": extra} if (extra := config.get("n_cls_tokens", 1) - 1) else {}),
     )
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     return model
@@ -136,8 +145,10 @@ def load_pretrained(model, state: dict, path) -> dict:
     for key in ("head.weight", "head.bias"):
         if key in weights and weights[key].shape != own[key].shape:
             del weights[key]  # another data set's classifier
+    # the decoder's (CrossMAE's: dec_norms, wfm) are dropped
     weights = {k: v for k, v in weights.items()
-               if not k.startswith(("decoder", "mask_token"))}
+               if not k.startswith(("decoder", "mask_token", "dec_norms", "wfm"))}
+    split_cls_tokens(model, weights)
     interpolate_pos_embed(model, weights, keys=("pos_embed",))
     try:
         result = model.load_state_dict(weights, strict=False)
@@ -149,6 +160,15 @@ def load_pretrained(model, state: dict, path) -> dict:
         raise CheckpointError(f"--finetune {path}: no weights for "
                               f"{sorted(set(result.missing_keys) - allowed_missing)}")
     return {"missing": result.missing_keys, "unexpected": result.unexpected_keys}
+
+
+def split_cls_tokens(model, weights: dict) -> None:
+    """Pixio's cls tokens (1, P, D) as timm holds them: cls_token (1, 1, D) and reg_token
+    (1, P - 1, D), the same order in the sequence and in pos_embed (in place)."""
+    if getattr(model, "reg_token", None) is not None and "cls_token" in weights \
+            and "reg_token" not in weights:
+        weights["reg_token"] = weights["cls_token"][:, 1:]
+        weights["cls_token"] = weights["cls_token"][:, :1]
 
 
 class TransformedDataset(torch.utils.data.Dataset):
@@ -228,16 +248,16 @@ def finetune(args) -> dict:
     train_base = open_dataset(args.data_path, size, "train", augment=True, seed=args.seed,
                               length=args.dataset_size)
     val_set = open_dataset(args.data_path, size, "val", augment=False, length=args.val_size,
-                           loader=args.data_loader)
+                           loader=args.data_loader, ship_jpegs=jpeg_decoder(device) is not None)
     if isinstance(train_base, torch.utils.data.IterableDataset):  # tar shards
         train_set = train_base.with_image_transform(train_transform(args))
     else:
         train_set = TransformedDataset(train_base, train_transform(args))
     num_classes = args.nb_classes or len(train_base.classes)
     sampler, loader = make_loader(train_set, args, rank, world_size, device)
-    _, val_loader = make_loader(val_set, args, rank, world_size, device, train=False)
-    if args.data_loader == "gpu":
-        val_loader = DecodedLoader(val_loader, GpuBatches(size, device, train=False))
+    val_loader = evaluation_loader(val_set, args, rank, world_size, device, GpuBatches(
+        size, device, train=False, strict=explicit_gpu_loader(args))
+        if args.data_loader == "gpu" else None)
 
     model = build_vit(args.vit_config, num_classes, args.drop_path, args.global_pool)
     if args.finetune and not args.resume and not args.random_init:
@@ -259,9 +279,8 @@ def finetune(args) -> dict:
         if not source:
             raise ValueError("--eval needs the fine-tuned weights: --resume CHECKPOINT")
         if args.resume:
-            state = load_checkpoint(args.resume, trust=args.unsafe_trust_checkpoint)
-            check_resumable(args, state, args.resume)
-            load_weights(model, state, f"--resume {args.resume}",
+            state, source = checkpoint_to_evaluate(args, main)
+            load_weights(model, state, f"--resume {source}",
                          "the ViT of --model (pass the --model it was fine-tuned as)")
         stats = {"checkpoint": str(source), **evaluate(model, val_loader, device, amp_dtype)}
         if main:
@@ -300,19 +319,19 @@ def finetune(args) -> dict:
         seed_epoch(args.seed, epoch, rank)
         resumed = enter_epoch(sampler, epoch, start_at, args)
         start = time.perf_counter()
-        loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device,
-                                        epoch, args, log, lr, loss_fn, resumed, saves=model)
-        stats = evaluate(model, val_loader, device, amp_dtype)
-        record = dict(kind="epoch", epoch=epoch, loss=loss, skipped_images=skipped,
-                      seconds=time.perf_counter() - start,
-                      **{f"val_{k}": v for k, v in stats.items()})
+        result = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args,
+                                 log, lr, loss_fn, resumed, saves=model)
+        stopping = stop_pending(args, epoch)  # then checkpoint-last alone on the way out
+        stats = {} if stopping else evaluate(model, val_loader, device, amp_dtype)
+        record = epoch_record(epoch, result, time.perf_counter() - start,
+                              **{f"val_{k}": v for k, v in stats.items()})
         summary["epochs"].append(record)
         if not main:
             continue
         log.write(**record)
-        print(f"epoch {epoch}: loss {loss:.4f}, val top-1 {stats['top1']:.1f} top-5 "
-              f"{stats['top5']:.1f} ({stats['images']} images)")
-        save_epoch(args, model, optimizer, scaler, epoch, len(loader))
+        print(f"epoch {epoch}: loss {result.loss:.4f}, {evaluation_text(stats)}")
+        save_epoch(args, model, optimizer, scaler, epoch, len(loader), stopping)
     summary.update(summary["epochs"][-1] if summary["epochs"] else {})
-    summary["max_top1"] = max((r["val_top1"] for r in summary["epochs"]), default=None)
+    summary["max_top1"] = max((r["val_top1"] for r in summary["epochs"] if "val_top1" in r),
+                              default=None)
     return summary

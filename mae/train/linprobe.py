@@ -27,22 +27,27 @@ from tqdm import tqdm
 
 from ..checkpoints.files import CheckpointError, load_checkpoint, load_weights, model_weights
 from ..checkpoints.pretrained import model_from_checkpoint
-from ..data.gpu import DecodedLoader, GpuBatches, loader_for_size
+from ..data.gpu import GpuBatches, explicit_gpu_loader, jpeg_decoder, loader_for_size
 from ..data.images import collate_skipping, random_resized_crop, to_tensor
+from ..data.prefetch import DeviceLoader
 from ..data.shards import open_dataset
-from ..models.image import MAE, MODEL_CONFIGS, config_of
+from ..models import build_model
+from ..models.image import MODEL_CONFIGS, config_of
 from ..models.video import VideoMAE
 from .engine import (
     AMP_DTYPES,
-    check_resumable,
+    checkpoint_to_evaluate,
     enter_epoch,
+    epoch_record,
     evaluate,
+    evaluation_loader,
+    evaluation_text,
     make_loader,
     resume_from,
-    resume_state,
     save_epoch,
     seed_epoch,
     start_run,
+    stop_pending,
     train_one_epoch,
     wrap_for_training,
 )
@@ -125,7 +130,7 @@ def load_encoder(args):
         model, saved = model_from_checkpoint(args.checkpoint, load_weights=not args.random_init,
                                              trust=args.unsafe_trust_checkpoint)
         return model, saved["input_size"]
-    name = args.model if args.model.startswith("mae_") else f"mae_{args.model}"
+    name = args.model if args.model in MODEL_CONFIGS else f"mae_{args.model}"
     if name not in MODEL_CONFIGS:
         names = sorted(k.removeprefix("mae_") for k in MODEL_CONFIGS)
         raise ValueError(f"--model must be one of {names}, got {args.model!r}")
@@ -141,7 +146,8 @@ def load_encoder(args):
                              f"{args.checkpoint}, a {model.config['encoder_dim']}-wide "
                              f"{model.config['encoder_layers']}-block encoder")
         return model, saved["input_size"]
-    model = MAE(config_of(name, img_size=OFFICIAL_SIZE))
+    # the named model at its recipe's size: main_linprobe.py's 224, Pixio's 256
+    model = build_model(config_of(name))
     if not args.random_init:
         encoder = {k: v for k, v in model_weights(state).items()
                    if not k.startswith(("decoder", "mask_token", "head", "fc_norm"))}
@@ -154,9 +160,10 @@ def load_encoder(args):
         if missing:
             raise CheckpointError(f"--finetune {args.checkpoint}: no weights for {missing} "
                                   f"of --model {args.model}")
-    return model, OFFICIAL_SIZE
+    return model, model.config["img_size"]
 
 
+# CrossMAE with weight_fm has no last norm
 FINGERPRINTED = ("patch_embed.proj.weight", "cls_token", "norm.weight", "norm.bias")
 
 
@@ -165,7 +172,7 @@ def encoder_fingerprint(model) -> str:
     token and the last norm): saved with a probe, so that it resumes on the same encoder."""
     weights = model.state_dict()
     digest = hashlib.sha256()
-    for name in FINGERPRINTED:
+    for name in (n for n in FINGERPRINTED if n in weights):
         digest.update(weights[name].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -183,13 +190,12 @@ def extract_features(model, dataset, device, args, desc: str, prepare=None):
         dataset.split(0, 1, args.batch_size, False)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=getattr(dataset, "collate", collate_skipping))
-    if prepare is not None:
-        loader = DecodedLoader(loader, prepare)
     feats, labels = [], []
-    for imgs, y, _ in tqdm(loader, desc=desc, disable=args.quiet, leave=False):
+    for imgs, y, _ in tqdm(DeviceLoader(loader, device, prepare, args.prefetch), desc=desc,
+                           disable=args.quiet, leave=False):
         if imgs is not None:
-            feats.append(features(model, imgs.to(device), args.global_pool))
-            labels.append(y.to(device))
+            feats.append(features(model, imgs, args.global_pool))
+            labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -246,11 +252,13 @@ def linprobe(args) -> dict:
     return (probe_demo if demo else probe_images)(model.eval(), size, size_source, args)
 
 
-def open_splits(args, size: int):
+def open_splits(args, size: int, device):
+    ship_jpegs = jpeg_decoder(device) is not None
     train_base = open_dataset(args.data_path, size, "train", augment=False,
-                              length=args.train_size, loader=args.data_loader)
+                              length=args.train_size, loader=args.data_loader,
+                              ship_jpegs=ship_jpegs)
     val_set = open_dataset(args.data_path, size, "val", augment=False, length=args.val_size,
-                           loader=args.data_loader)
+                           loader=args.data_loader, ship_jpegs=ship_jpegs)
     return train_base, val_set, args.nb_classes or len(train_base.classes)
 
 
@@ -267,9 +275,10 @@ def probe_demo(model, size: int, size_source: str, args) -> dict:
     with SGD in this process."""
     device = torch.device(args.device)
     model = model.to(device)
-    train_base, val_set, num_classes = open_splits(args, size)
+    train_base, val_set, num_classes = open_splits(args, size, device)
     # --data-loader gpu: the images are decoded and centre-cropped on the device
-    centre = GpuBatches(size, device, train=False) if args.data_loader == "gpu" else None
+    centre = (GpuBatches(size, device, train=False, strict=explicit_gpu_loader(args))
+              if args.data_loader == "gpu" else None)
     torch.manual_seed(args.seed)
     head = build_head(model.config["encoder_dim"], num_classes).to(device)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter / 256
@@ -301,12 +310,7 @@ def evaluate_saved(args, probe, val_loader, device, amp_dtype, main: bool,
                    num_classes: int) -> dict:
     """--eval: the top-1 / top-5 of --resume's head (a path, or 'auto': the run's newest) on
     --finetune's encoder."""
-    if not args.resume:
-        raise ValueError("--eval needs the trained probe: --resume CHECKPOINT (or auto)")
-    state, path = resume_state(args, main)
-    if state is None:
-        raise CheckpointError(f"--eval --resume auto: no checkpoint in {args.output_dir}")
-    check_resumable(args, state, path)
+    state, path = checkpoint_to_evaluate(args, main)
     load_weights(probe, state, f"--resume {path}",
                  f"the probe of --finetune {args.checkpoint}'s encoder with {num_classes} classes")
     stats = {"checkpoint": str(path), **evaluate(probe, val_loader, device, amp_dtype)}
@@ -321,12 +325,13 @@ def probe_images(model, size: int, size_source: str, args) -> dict:
     rank, world_size, device, log = start_run(args)
     main = rank == 0
     model = model.to(device)
-    train_base, val_set, num_classes = open_splits(args, size)
+    train_base, val_set, num_classes = open_splits(args, size, device)
     prepare = None
+    strict = explicit_gpu_loader(args)
     if args.data_loader == "gpu":  # the same crop and flip, drawn per (epoch, rank, step)
         train_set = train_base
         prepare = GpuBatches(size, device, args.seed, rank, scale=args.scale, ratio=args.ratio,
-                             hflip=args.hflip)
+                             hflip=args.hflip, strict=strict)
     elif isinstance(train_base, torch.utils.data.IterableDataset):
         raise ValueError("--data-path: the official linear probe on tar shards augments "
                          "on the device: pass --data-loader gpu")
@@ -334,9 +339,9 @@ def probe_images(model, size: int, size_source: str, args) -> dict:
         train_set = ProbeTrainSet(train_base, size, args.seed, args.scale, args.ratio,
                                   args.hflip)
     sampler, loader = make_loader(train_set, args, rank, world_size, device)
-    _, val_loader = make_loader(val_set, args, rank, world_size, device, train=False)
-    if args.data_loader == "gpu":  # evaluation crops the centre box on the device
-        val_loader = DecodedLoader(val_loader, GpuBatches(size, device, train=False))
+    # evaluation crops the centre box on the device with the gpu loader
+    val_loader = evaluation_loader(val_set, args, rank, world_size, device, GpuBatches(
+        size, device, train=False, strict=strict) if args.data_loader == "gpu" else None)
     torch.manual_seed(args.seed)
     probe = FrozenEncoderProbe(model, build_head(model.config["encoder_dim"], num_classes),
                                args.global_pool).to(device)
@@ -368,24 +373,23 @@ def probe_images(model, size: int, size_source: str, args) -> dict:
         train_set.set_epoch(epoch)  # the epoch's crops; for shards also the sampler's order
         resumed = enter_epoch(sampler, epoch, start_at, args)
         start = time.perf_counter()
-        loss, skipped = train_one_epoch(train_model, loader, optimizer, scaler, device,
-                                        epoch, args, log, lr, loss_fn, resumed, prepare,
-                                        saves=probe)
-        stats = evaluate(probe, val_loader, device, amp_dtype)
-        records.append(dict(kind="epoch", epoch=epoch, loss=loss, skipped_images=skipped,
-                            seconds=time.perf_counter() - start,
-                            **{f"val_{k}": v for k, v in stats.items()}))
+        result = train_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args,
+                                 log, lr, loss_fn, resumed, prepare, saves=probe)
+        stopping = stop_pending(args, epoch)  # then checkpoint-last alone on the way out
+        stats = None if stopping else evaluate(probe, val_loader, device, amp_dtype)
+        records.append(epoch_record(epoch, result, time.perf_counter() - start, prepare,
+                                    **{f"val_{k}": v for k, v in (stats or {}).items()}))
         if main:
             log.write(**records[-1])
-            print(f"epoch {epoch}: loss {loss:.4f}, val top-1 {stats['top1']:.1f} top-5 "
-                  f"{stats['top5']:.1f} ({stats['images']} images)")
-        save_epoch(args, probe, optimizer, scaler, epoch, len(loader))
+            print(f"epoch {epoch}: loss {result.loss:.4f}, {evaluation_text(stats)}")
+        save_epoch(args, probe, optimizer, scaler, epoch, len(loader), stopping)
     if stats is None:  # resumed after its last epoch: the saved probe's accuracy
         stats = evaluate(probe, val_loader, device, amp_dtype)
     losses = [r["loss"] for r in records]
     result = summary(args, "official", stats["top1"], optimizer, num_classes, len(train_base),
                      stats["images"], top5=stats["top5"],
-                     max_top1=max([r["val_top1"] for r in records] or [stats["top1"]]),
+                     max_top1=max([r["val_top1"] for r in records if "val_top1" in r]
+                                  or [stats["top1"]]),
                      loss=losses[-1] if losses else None)
     if main:
         print(json.dumps(result))

@@ -1,14 +1,16 @@
 """Stopping a training run cleanly: on SIGTERM, SIGUSR1 (what SLURM sends before a time limit
 with `--signal=USR1@<seconds>`, or before a preemption) and SIGINT, every rank finishes its
-current step, the ranks agree, rank 0 saves `checkpoint-last.pth` at that step and the run exits
+current step, the ranks agree, checkpoint-last is saved at that step (`engine.save_stopped`:
+rank 0's .pth, or every rank's share of a large or sharded model) and the run exits
 with one line: 0 after SIGTERM/SIGUSR1 (a requeue wrapper can tell a clean stop), 130 after
 SIGINT (the shell's convention), no traceback. A second SIGINT stops at once, without saving.
 
 The handler only records the signal. The ranks agree without a blocking collective per step:
-at each optimizer step every rank starts an asynchronous all-reduce (max) of its signal number
-on a CPU tensor (gloo; under NCCL the process group has a gloo side for CPU tensors, see
+after each step (micro-batch) every rank starts an asynchronous all-reduce (max) of its signal
+number on a CPU tensor (gloo; under NCCL the process group has a gloo side for CPU tensors, see
 `distributed.init`) and reads the result of the previous one, so they all stop after the same
-step, one step after the first rank saw a signal. A single process needs no collective.
+step: the first optimizer step at least one step after the first rank saw a signal. A single
+process needs no collective.
 
 `--requeue`: after a stop by SIGUSR1 (the time-limit warning the sbatch script asks for) in a
 SLURM job (SLURM_JOB_ID set), global rank 0 prints the stop line, then runs `scontrol requeue
@@ -85,6 +87,7 @@ class StopSignals:
     def __init__(self):
         self.signum = 0
         self._pending = None  # (work, tensor) of the agreement in flight
+        self._agreed = False  # the ranks agreed to stop at the next step that may
         self._previous = {}
         at = os.environ.get(TEST_STEP_VARIABLE)
         self._test_step = int(at) if at else None
@@ -98,11 +101,15 @@ class StopSignals:
             _active = self
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
         global _active
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if self._pending is not None and kind is None:
+            # the last step's agreement: in flight still when a run ends, and every rank
+            # started it; the group must not be torn down under it
+            self._pending[0].wait()
         self._pending = None
         if _active is self:
             _active = None
@@ -113,26 +120,29 @@ class StopSignals:
         self.signum = self.signum or signum
 
     def after_step(self, iteration: int, may_stop: bool) -> bool:
-        """Called by every rank after each step (global step `iteration`): whether the ranks
-        agreed to stop now. Only where the run `may_stop` (after an optimizer step, not the
-        epoch's last) does it agree."""
+        """Called by every rank after each step (micro-batch; global step `iteration`):
+        whether the ranks agreed to stop now. The agreement advances at every step (the
+        all-reduce started after one step is read after the next), and the run stops at the
+        first step that `may_stop` (after an optimizer step, not the epoch's last) once they
+        agreed: with --accum-iter N, at most N + 1 micro-batches after the signal, where
+        agreeing at boundaries only took up to 2N."""
         if self._test_step == iteration and not (dist.is_initialized() and dist.get_rank()):
             os.kill(os.getpid(), self._test_signal)
-        if not may_stop:
-            return False
         if not _several_processes():
-            return self.signum != 0
-        agreed = self._collect()
-        if not agreed:
-            flag = torch.tensor([self.signum], dtype=torch.int64)
-            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
-        return agreed
+            return may_stop and self.signum != 0
+        if not self._agreed:
+            self._agreed = self._collect()
+            if not self._agreed:
+                flag = torch.tensor([self.signum], dtype=torch.int64)
+                self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True),
+                                 flag)
+        return may_stop and self._agreed
 
     def agree(self) -> bool:
         """Blocking agreement (between epochs): whether any rank saw a signal by now."""
         if not _several_processes():
             return self.signum != 0
-        if self._collect():
+        if self._agreed or self._collect():
             return True
         flag = torch.tensor([self.signum], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -51,8 +51,11 @@ def _entry(args, key: str, value=None, source: str | None = None, note: str | No
 def _lr(args, eff_batch: int, lr: float) -> dict:
     if args.lr is not None:
         return _entry(args, "lr", lr)
+    scale = getattr(args, "lr_scale", 1.0)  # CrossMAE's predict_ratio / mask_ratio
     return _entry(args, "lr", lr, "derived",
-                  f"blr {args.blr:g} x effective batch {eff_batch} / 256")
+                  f"blr {args.blr:g} x effective batch {eff_batch} / 256"
+                  + (f" x {scale:.4g} (CrossMAE: predict_ratio / mask_ratio)"
+                     if scale != 1.0 else ""))
 
 
 def _common(args, model: dict, input_size: dict, patch_size: dict, eff_batch: int,
@@ -64,7 +67,30 @@ def _common(args, model: dict, input_size: dict, patch_size: dict, eff_batch: in
             "blr": _entry(args, "blr", note=None if args.lr is None else "unused: --lr is set"),
             "lr": _lr(args, eff_batch, lr),
             "min_lr": _entry(args, "min_lr"),
-            "weight_decay": _entry(args, "weight_decay")}
+            "weight_decay": _entry(args, "weight_decay"),
+            **_data(args),
+            "deterministic": _deterministic(args)}
+
+
+def _deterministic(args) -> dict:
+    on = getattr(args, "deterministic", False)
+    return _entry(args, "deterministic", on, note="on: deterministic algorithms, "
+                  "CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic, no benchmark" if on else
+                  "off: on CUDA some backward kernels accumulate in any order")
+
+
+def _data(args) -> dict:
+    """Who reads, decodes and augments the images, and how far ahead of the step."""
+    from ..data.gpu import decoding_note
+
+    if getattr(args, "data_loader", None) is None:
+        return {}
+    note = (decoding_note(args.device) if args.data_loader == "gpu" else
+            f"Pillow decodes and augments in {args.num_workers} DataLoader workers")
+    return {"data_loader": _entry(args, "data_loader", note=note),
+            "prefetch": _entry(args, "prefetch", note="in the training thread" if
+                               args.prefetch == 0 or args.num_workers == 0 else
+                               "batches ready on the device ahead of the step")}
 
 
 def _switch(args, key: str, on: bool) -> dict:
@@ -89,10 +115,31 @@ def pretrain_recipe(args, eff_batch: int, lr: float) -> dict:
             "mask_type": _entry(args, "mask_type", config["mask_type"],
                                 None if args.mask_type else "default"),
             "norm_pix_loss": _entry(args, "norm_pix_loss", config["norm_pix_loss"]),
+            **decoder_side(args, config),
             "video": _entry(args, "video"),
             # data/images.py's pre-training augmentation, main_pretrain.py's (no flag sets it)
             "augmentation": {"value": "random resized crop (scale 0.2-1, bicubic) + hflip 0.5",
                              "source": "official"}}
+
+
+def decoder_side(args, config: dict) -> dict:
+    """The decoder and Pixio's options: the decoder always, the others where they differ from
+    MAE's (CrossMAE's only with its decoder). A value the flag did not set is the model's."""
+    from ..models.image import CROSS_KEYS, DEFAULT_CONFIG
+
+    keys = ["decoder"] + [k for k in ("n_cls_tokens", "mask_grid", "pos_embed", "drop_path")
+                          if config[k] != DEFAULT_CONFIG[k]]
+    if config["decoder"] == "cross":
+        keys += CROSS_KEYS
+    entries = {}
+    for key in keys:
+        source = (source_of(args, key) if getattr(args, key, None) is not None else
+                  "default" if config[key] == DEFAULT_CONFIG[key] else
+                  "config" if args.model is None else "official")
+        entries[key] = {"value": config[key], "source": source}
+    if config["decoder"] == "cross" and config["predict_ratio"] is None:
+        entries["predict_ratio"]["note"] = "every masked patch"
+    return entries
 
 
 def finetune_recipe(args, eff_batch: int, lr: float) -> dict:

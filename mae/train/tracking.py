@@ -1,10 +1,11 @@
 """Where a run's log records go besides log.jsonl: TensorBoard event files (`--log-dir`, as
 facebookresearch/mae's main_pretrain.py writes them) and Weights & Biases (`--wandb PROJECT`).
 
-Both take the records `JsonLog.write` takes. A step record becomes `train_loss`, `lr` and
-`images_per_sec` at the official x-axis, epoch_1000x = int((step in epoch / steps per epoch +
-epoch) * 1000); an epoch record becomes its numbers (`epoch_loss`, `probe_top1`, `val_top1`,
-...) at (epoch + 1) * 1000, the end of that epoch on the same axis. Both packages are optional
+Both take the records `JsonLog.write` takes. A step record becomes `train_loss`, `lr`,
+`images_per_sec` and `data_wait_ms` at the official x-axis, epoch_1000x = int((step in epoch /
+steps per epoch + epoch) * 1000); an epoch record becomes its numbers (`epoch_loss`,
+`epoch_data_wait_ms`, `probe_top1`, `val_top1`, ...) at (epoch + 1) * 1000, the end of that
+epoch on the same axis. Both packages are optional
 (the `logging` extra); a flag whose package is missing is an error before the run starts.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ import urllib.parse
 from pathlib import Path
 
 PACKAGES = {"log_dir": ("--log-dir", "tensorboard"), "wandb": ("--wandb", "wandb")}
-STEP_TAGS = {"loss": "train_loss", "lr": "lr", "images_per_sec": "images_per_sec"}
+STEP_TAGS = {"loss": "train_loss", "lr": "lr", "images_per_sec": "images_per_sec",
+             "data_wait_ms": "data_wait_ms"}
 _OPEN: list = []  # sinks of runs in this process, closed by close_all
 
 
@@ -45,21 +47,26 @@ def scalars(record: dict):
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)) \
                     and not isinstance(value, bool):
-                yield ("epoch_loss" if key == "loss" else key), value, x
+                # the step records' names get a prefix: a tag holds one series on one axis
+                yield (f"epoch_{key}" if key in STEP_TAGS else key), value, x
 
 
 class TensorBoardSink:
     """Event files in `log_dir`, opened at the first record (a run that fails before it has
-    anything to log makes no folder)."""
+    anything to log makes no folder). A resumed run's writer purges the points a killed run
+    left from its `continue_from` on (TensorBoard's purge_step), as log.jsonl drops them."""
 
     def __init__(self, log_dir):
-        self.log_dir, self.writer = log_dir, None
+        self.log_dir, self.writer, self.purge_step = log_dir, None, None
+
+    def continue_from(self, x: int, saved_args: dict) -> None:
+        self.purge_step = x
 
     def write(self, record: dict) -> None:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
         for tag, value, x in scalars(record):
             self.writer.add_scalar(tag, value, x)
         if record.get("kind") == "epoch":
@@ -106,10 +113,15 @@ def wandb_mode() -> tuple[str | None, str | None]:
 
 class WandbSink:
     """A W&B run, started at the first record; offline (synced later with `wandb sync`) as
-    `wandb_mode` decides."""
+    `wandb_mode` decides. Its id is kept in the run's arguments, so in its checkpoints: a run
+    resumed from them (a requeued job) continues the same W&B run."""
 
     def __init__(self, project: str, args):
         self.project, self.args, self.run = project, args, None
+
+    def continue_from(self, x: int, saved_args: dict) -> None:
+        if saved_args.get("wandb") == self.project and saved_args.get("wandb_run_id"):
+            self.args.wandb_run_id = saved_args["wandb_run_id"]
 
     def _start(self) -> None:
         import wandb
@@ -121,8 +133,11 @@ class WandbSink:
         directory = os.environ.get("WANDB_DIR") or str(args.output_dir)
         Path(directory).mkdir(parents=True, exist_ok=True)
         config = json.loads(json.dumps(vars(args), default=str))
+        run_id = getattr(args, "wandb_run_id", None)
         self.run = wandb.init(project=self.project, dir=directory, config=config, mode=mode,
-                              reinit="finish_previous")
+                              reinit="finish_previous", id=run_id,
+                              resume="allow" if run_id else None)
+        args.wandb_run_id = self.run.id
         self.run.define_metric("epoch_1000x")
         self.run.define_metric("*", step_metric="epoch_1000x")
 
