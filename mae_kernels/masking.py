@@ -258,17 +258,19 @@ def _masking_triton(x: torch.Tensor, noise: torch.Tensor | None, draws: torch.Te
     # NOTE registers a thread (sm_90, bf16, D = 768; tests/triton_sm90.py reports them). The
     # former single kernel (a gather tile of next_power_of_2(S) rows, and each D-slice program
     # sorting, and for block making every attempt, again): 95-128 at S = 196 and 1024, and 255
-    # with 280-488 B spilled at S = 4096 (triton 3.9; 3.6: 127-128, 255 + 304-376 B). Now, triton
-    # 3.9 / 3.6: the sort 32-40 / 32-40 at S = 196 (and tubes of 8 x 196), 69-92 / 72-96 at
-    # 1024, 92-104 / 88-108 at 4096 with 16 warps (with 4: 255 and 112-136 B spilled), about
-    # 8 keys a thread; the gather 40 (74 in fp32 with 8 warps; 4 warps: 168), no spills.
+    # with 280-488 B spilled at S = 4096 (triton 3.9; 3.6: 127-128, 255 + 304-376 B). Now, with
+    # block_l // 128 warps (4 to 16: up to 4 keys a thread, 8 at S = 4096), triton 3.9 / 3.8 /
+    # 3.6: the sort 32-40 at S = 196 (and tubes of 8 x 196), 64 / 64 / 48-56 at 1024, 86-106 at
+    # 4096 (with 4 warps there: 255 and 112-136 B spilled; with 4 at 1024, 8 keys a thread, 8 B
+    # spilled: grid masking on 3.8, block masking on 3.6). The gather 40 (74 in fp32 with 8
+    # warps; 4 warps: 168). No spills.
     with torch.cuda.device_of(x):
         wrap_triton(_masking_kernel)[(B,)](
             noise_arg, draws_arg, offsets_arg, mask, ids_restore, ids_keep, ids_pred, S,
             len_keep, S - num_predicted if num_predicted >= 0 else len_keep, frames, grid_w, S,
             S - len_keep, param, noise_arg.stride(0), STRATEGY=strategy,
             PREDICT=num_predicted >= 0, BLOCK_L=block_l,
-            num_warps=min(16, max(4, block_l // 256)),
+            num_warps=min(16, max(4, block_l // 128)),
         )
         wrap_triton(_gather_kept_kernel)[gather_grid](
             x, ids_keep, out, kept, D, x.stride(0), x.stride(1), BLOCK_R=block_r,

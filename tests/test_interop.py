@@ -250,3 +250,39 @@ def test_an_encoder_mlp_width_loads_strictly_into_timm(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(vit.eval()(imgs), model.eval().encode(imgs).cls_token,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_an_hf_config_s_layer_norm_eps_is_honoured(tmp_path, capsys):
+    """A ViTMAE whose config.json says its LayerNorms' eps (1e-2 here, where it shows in the
+    outputs; transformers' default is 1e-12): imported, our model normalises with it and gives
+    transformers' outputs; exported again, it says it; timm's MAE ViTs cannot take it (one
+    line). A config.json that does not say it gets transformers' default."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_model = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=64, image_size=16, patch_size=4, layer_norm_eps=1e-2,
+        norm_pix_loss=True)).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    state = load_checkpoint(tmp_path / "hf")
+    config = state["args"]["model_config"]
+    assert config["norm_eps"] == 1e-2
+    ours = MAE(config).eval()
+    ours.load_state_dict(state["model"])
+    assert {m.eps for m in ours.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-2}
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    with torch.no_grad():
+        theirs = hf_model(pixel_values=imgs, noise=noise)
+        loss, pred, _ = ours.predict(imgs, 0.75, noise)
+    torch.testing.assert_close(theirs.logits, pred, rtol=1e-5, atol=1e-6)
+    assert hf_config(config)["layer_norm_eps"] == 1e-2
+    said = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del said["layer_norm_eps"]
+    assert config_from_hf(said)["norm_eps"] == 1e-12
+    ck = saved(tmp_path / "ck.pth", ours)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(ck), "--format", "timm",
+                 "-o", str(tmp_path / "timm.safetensors")]) == 1
+    error = one_error_line(capsys)
+    assert "LayerNorms have eps 0.01" in error and "--format hf" in error

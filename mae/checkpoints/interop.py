@@ -47,7 +47,8 @@ TIMM_NAMES = {(192, 12, 3): ("vit_tiny_patch16_224", 16),
               (768, 12, 12): ("vit_base_patch16_224", 16),
               (1024, 24, 16): ("vit_large_patch16_224", 16),
               (1280, 32, 16): ("vit_huge_patch14_224", 14)}
-LAYER_NORM_EPS = 1e-6  # the official models'; HF's default (1e-12) would change the outputs
+HF_LAYER_NORM_EPS = 1e-12  # ViTMAEConfig's default, where a config.json does not say
+TIMM_LAYER_NORM_EPS = 1e-6  # the eps of timm's MAE ViTs (their norm_layer; no kwarg sets it)
 
 
 def _square(config: dict, what: str) -> int:
@@ -102,7 +103,7 @@ def hf_config(config: dict) -> dict:
         "decoder_num_hidden_layers": config["decoder_layers"],
         "decoder_num_attention_heads": config["decoder_heads"],
         "decoder_intermediate_size": int(config["decoder_dim"] * config["mlp_ratio"]),
-        "hidden_act": "gelu", "qkv_bias": True, "layer_norm_eps": LAYER_NORM_EPS,
+        "hidden_act": "gelu", "qkv_bias": True, "layer_norm_eps": config["norm_eps"],
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02, "mask_ratio": config["mask_ratio"],
         "norm_pix_loss": config["norm_pix_loss"],
@@ -185,7 +186,8 @@ def config_from_hf(hf: dict) -> dict:
                   "decoder_heads": hf["decoder_num_attention_heads"],
                   "mlp_ratio": ratio, "encoder_mlp_dim": mlp_dim,
                   "mask_ratio": hf.get("mask_ratio", 0.75),
-                  "norm_pix_loss": bool(hf.get("norm_pix_loss", False))}
+                  "norm_pix_loss": bool(hf.get("norm_pix_loss", False)),
+                  "norm_eps": hf.get("layer_norm_eps", HF_LAYER_NORM_EPS)}
         return resolve_config(config)
     except KeyError as exc:
         raise CheckpointError(f"config.json has no {exc}") from exc
@@ -304,6 +306,11 @@ def timm_model(config: dict) -> tuple[str, dict]:
     if config["decoder"] == "cross" and config["weight_fm"]:
         # no last norm was trained (CrossMAE's): timm's mean-pooled head with a fresh fc_norm
         kwargs.update(global_pool="avg", fc_norm=True)
+    if config["norm_eps"] != TIMM_LAYER_NORM_EPS:
+        raise CheckpointError(f"this model's LayerNorms have eps {config['norm_eps']:g} (from a "
+                              f"Hugging Face config.json), timm's MAE ViTs {TIMM_LAYER_NORM_EPS:g} "
+                              f"and no create_model argument sets it: its outputs would differ; "
+                              f"export it with --format hf")
     return name, kwargs
 
 

@@ -110,7 +110,7 @@ class CrossMAE(MAE):
         if self.weight_fm:
             del self.norm  # each decoder block normalises its own mixture (dec_norms)
             encoder_dim, blocks = self.config["encoder_dim"], self.config["decoder_layers"]
-            self.dec_norms = nn.ModuleList([nn.LayerNorm(encoder_dim, eps=1e-6)
+            self.dec_norms = nn.ModuleList([nn.LayerNorm(encoder_dim, eps=self.config["norm_eps"])
                                             for _ in range(blocks)])
             self.wfm = WeightedFeatureMaps(len(self.use_fm) + self.use_input, blocks)
             # CrossMAE draws wfm's weights N(0, 1/k), then its xavier pass redraws them
@@ -127,7 +127,7 @@ class CrossMAE(MAE):
         """With weight_fm there is no trained `norm`: a fresh one (weight 1, bias 0), as the
         fine-tuned ViT's head starts from."""
         if self.weight_fm:
-            return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+            return F.layer_norm(x, x.shape[-1:], eps=self.config["norm_eps"])
         return self.norm(x)
 
     def _predict_ratio(self, mask_ratio: float) -> float:

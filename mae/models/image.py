@@ -390,6 +390,9 @@ DEFAULT_CONFIG = {
     "decoder_dim": 512, "decoder_layers": 8, "decoder_heads": None,  # None: decoder_dim // 32
     "mlp_ratio": 4.0, "encoder_mlp_dim": None,  # None: encoder_dim * mlp_ratio
     "mask_ratio": 0.75, "norm_pix_loss": False, "use_kernels": True,
+    # every LayerNorm's eps: the official models' 1e-6 (an HF ViTMAE's config.json says its own,
+    # layer_norm_eps, 1e-12 where it does not)
+    "norm_eps": 1e-6,
     "mask_type": "random",  # or "block" (BEiT's rectangles), "grid" (the paper's regular grid)
     "target": "pixel",  # or "hog": MaskFeat's HOG features of the masked patches
     # Pixio (docs/decoders.md): cls tokens, masking units of mask_grid x mask_grid patches,
@@ -469,6 +472,9 @@ def resolve_config(config: dict) -> dict:
         if config[dim] % config[heads]:
             raise ValueError(f"config[{dim!r}] {config[dim]} is not divisible by "
                              f"config[{heads!r}] {config[heads]}")
+    eps = config["norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"config['norm_eps'] must be a number in (0, 1), got {eps!r}")
     ratio = config["mask_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"config['mask_ratio'] must be in [0, 1), got {ratio!r}")
@@ -573,7 +579,8 @@ def _official_kwargs(config: dict) -> dict:
                 mlp_dim=config["encoder_mlp_dim"], n_cls_tokens=config["n_cls_tokens"],
                 mask_grid=config["mask_grid"],
                 learned_pos_embed=config["pos_embed"] == "learned",
-                drop_path=config["drop_path"])
+                drop_path=config["drop_path"],
+                norm_layer=partial(nn.LayerNorm, eps=config["norm_eps"]))
 
 
 @dataclasses.dataclass(eq=False)

@@ -90,7 +90,7 @@ class VideoMAE(nn.Module):
         rgb = self.in_chans == 3
         self.data_mean, self.data_std = (IMAGENET_MEAN, IMAGENET_STD) if rgb else (None, None)
         dim, decoder_dim = config["encoder_dim"], config["decoder_dim"]
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = partial(nn.LayerNorm, eps=config["norm_eps"])
         self.patch_embed = TubeletEmbed(config["num_frames"], config["img_size"],
                                         self.tubelet_size, self.patch_size, self.in_chans, dim)
         self.grid_size = self.patch_embed.grid_size

@@ -109,8 +109,10 @@ def encoder_of(mae_config: dict) -> dict:
     encoder = {k: mae_config[k] for k in ("img_size", "patch_size", "in_chans", "encoder_dim",
                                           "encoder_layers", "encoder_heads", "mlp_ratio",
                                           "encoder_mlp_dim")}
-    # Pixio's 8 cls tokens (fine-tunings saved before it had one)
-    return {**encoder, "n_cls_tokens": mae_config.get("n_cls_tokens", 1)}
+    # Pixio's 8 cls tokens; an imported HF ViTMAE's LayerNorm eps (fine-tunings saved before
+    # either key was there: the defaults)
+    return {**encoder, "n_cls_tokens": mae_config.get("n_cls_tokens", 1),
+            "norm_eps": mae_config.get("norm_eps", 1e-6)}
 
 
 def build_vit(config: dict, num_classes: int, drop_path: float, global_pool: bool):
@@ -127,7 +129,8 @@ def build_vit(config: dict, num_classes: int, drop_path: float, global_pool: boo
         # timm takes a ratio only; int(1408 * (6144 / 1408)) is 6144 again (ViT-g)
         mlp_ratio=(config.get("encoder_mlp_dim") or config["encoder_dim"] * config["mlp_ratio"])
         / config["encoder_dim"], qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path,
+        norm_layer=partial(nn.LayerNorm, eps=config.get("norm_eps", 1e-6)),
+        drop_path_rate=drop_path,
         global_pool="avg" if global_pool else "token", fc_norm=global_pool,
         # Pixio's 8 cls tokens: timm's cls token and 7 register tokens, in that order
         **({"reg_tokens": extra} if (extra := config.get("n_cls_tokens", 1) - 1) else {}),
