@@ -46,6 +46,12 @@ def _is_patched(module: torch.nn.Module) -> bool:
     return bool(module.__dict__.get(_PATCHED))
 
 
+def _check_methods(model, required: tuple[str, ...], whose: str) -> None:
+    missing = [name for name in required if not hasattr(model, name)]
+    if missing:
+        raise TypeError(f"model lacks {whose} methods {missing}")
+
+
 def _layer_output(out):
     # transformers 4.x layers return tuples, 5.x a tensor
     return out[0] if isinstance(out, tuple) else out
@@ -175,10 +181,8 @@ def patch_official_mae(model):
     """Route a facebookresearch/mae-style model (one exposing `random_masking`,
     `forward_decoder`, `forward_loss`, `patchify`) through the fused ops, without importing it.
     A method the model lacks, or a decoder without the official attributes, is left alone."""
-    required = ("random_masking", "forward_decoder", "forward_loss", "patchify")
-    missing = [name for name in required if not hasattr(model, name)]
-    if missing:
-        raise TypeError(f"model lacks the official MAE methods {missing}")
+    _check_methods(model, ("random_masking", "forward_decoder", "forward_loss", "patchify"),
+                   "the official MAE")
     if _is_patched(model):
         return model
     _set(model, "random_masking", _official_random_masking)
@@ -441,10 +445,8 @@ def patch_crossmae(model):
     the three-way masking (`random_masking(x, mask_ratio, kept_mask_ratio)`, drawing the same
     noise), the decoder queries (`mask_tokens_grid`), the loss over the predicted patches
     (`forward_loss`, reading those only) and patchify / unpatchify."""
-    required = ("random_masking", "mask_tokens_grid", "forward_loss", "patchify")
-    missing = [name for name in required if not hasattr(model, name)]
-    if missing:
-        raise TypeError(f"model lacks CrossMAE's methods {missing}")
+    _check_methods(model, ("random_masking", "mask_tokens_grid", "forward_loss", "patchify"),
+                   "CrossMAE's")
     if _is_patched(model):
         return model
     _set(model, "random_masking", _crossmae_random_masking)

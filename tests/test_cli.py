@@ -284,6 +284,8 @@ def test_config_dict_model_as_the_explainers_show():
     ({"img_size": 30, "patch_size": 8}, "divisible"),
     ({"mask_ratio": 1.0}, "mask_ratio"),
     ({"norm_pix_loss": "yes"}, "norm_pix_loss"),
+    ({"norm_eps": 0}, "norm_eps"),
+    ({"norm_eps": "1e-6"}, "norm_eps"),
 ])
 def test_config_dict_errors_name_the_key(bad, match):
     with pytest.raises(ValueError, match=match):
