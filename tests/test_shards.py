@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 import warnings
 from collections import Counter
 
@@ -418,9 +419,11 @@ def test_the_online_probe_refuses_shards_in_one_line(shards, capsys):
 
 class RangeServer:
     """A folder over HTTP with Range requests (Python's own handler has none), counting the
-    bytes it sends; `ranges=False` answers every request with the whole file."""
+    bytes it sends and the most requests it served at once; `ranges=False` answers every
+    request with the whole file; `delay` seconds before each answer stand for the latency of an
+    object store."""
 
-    def __init__(self, folder, ranges: bool = True, failures: int = 0):
+    def __init__(self, folder, ranges: bool = True, failures: int = 0, delay: float = 0.0):
         import http.server
         import threading
 
@@ -434,6 +437,18 @@ class RangeServer:
                 pass
 
             def do_GET(self):
+                with server.lock:
+                    server.active += 1
+                    server.peak = max(server.peak, server.active)
+                try:
+                    if delay:  # (tests that count the reader's time.sleep calls set none)
+                        time.sleep(delay)
+                    self.answer()
+                finally:
+                    with server.lock:
+                        server.active -= 1
+
+            def answer(self):
                 if server.failures:  # a passing outage: 503, then the real answer
                     server.failures -= 1
                     self.send_error(503)
@@ -456,6 +471,8 @@ class RangeServer:
                 server.sent += len(data)
 
         self.sent, self.failures = 0, failures
+        self.active = self.peak = 0
+        self.lock = threading.Lock()
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -545,6 +562,28 @@ def test_a_remote_read_that_fails_for_a_while_is_tried_again(tmp_path, monkeypat
         assert waits == [1, 2, 1, 2, 4, 8]  # not tried again
     finally:
         server.close()
+
+
+def test_a_batch_s_remote_reads_run_at_once(tmp_path):
+    """A batch spread over 16 shards is 16 Range requests; over HTTP(S) up to REMOTE_READS of
+    them are in flight at once (a server answering each after 0.5 s sees 8 together), and the
+    samples are those of the local shards, in the batch's order."""
+    from mae.data.shards import REMOTE_READS
+
+    pattern = many_shards(tmp_path, images=64, shard_size=4)
+    local = ShardDataset(shard_urls(pattern, "train", True), 16, False, encoded=True)
+    server = RangeServer(tmp_path / "many", delay=0.5)
+    try:
+        remote = ShardDataset(shard_urls(pattern.replace(str(tmp_path / "many"), server.url),
+                                         "train", True), 16, False, encoded=True)
+        indices = [61, 0, 4, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 1]
+        server.peak = 0
+        got = remote.read(indices)
+        assert server.peak == REMOTE_READS == 8
+    finally:
+        server.close()
+    assert [g[:2] for g in got] == [g[:2] for g in local.read(indices)]
+    assert [g[3] for g in got] == indices
 
 
 def test_a_batch_mixes_at_least_eight_shards_in_a_seeded_order(tmp_path):

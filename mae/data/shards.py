@@ -28,11 +28,13 @@ import math
 import random
 import re
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,10 @@ SHARD_NAME = re.compile(r"[\w.-]+\.tar")  # an index's shard names: no folder, n
 URL_SCHEMES = ("file", "http", "https")
 CHUNKS_PER_BATCH = 16
 READ_TIMEOUT_S = 60
+# A batch's runs of consecutive samples (about CHUNKS_PER_BATCH) read from an HTTP(S) server at
+# once: an object store's latency per request (tens of ms), not its bandwidth, bounds one read,
+# and 16 in a row would cost a worker that many round trips a batch
+REMOTE_READS = 8
 
 
 class ShardError(ValueError):
@@ -86,6 +92,7 @@ def _local_path(url: str) -> str | None:
 
 
 _ignored_ranges: set[str] = set()  # hosts that answered a Range request with the whole file
+_ignored_ranges_lock = threading.Lock()  # a batch's reads run in threads: one warning a host
 READ_ATTEMPTS = 5  # a remote read failing for a passing reason: again after 1, 2, 4, 8 s
 
 
@@ -119,8 +126,10 @@ def _read_http(url: str, start: int, stop: int | None) -> bytes:
                                 timeout=READ_TIMEOUT_S) as response:
         if headers and response.status != 206:
             host = urllib.parse.urlparse(url).netloc
-            if host not in _ignored_ranges:
+            with _ignored_ranges_lock:
+                first = host not in _ignored_ranges
                 _ignored_ranges.add(host)
+            if first:
                 warnings.warn(f"{host} ignores HTTP Range requests: each read of a shard "
                               f"downloads it from its start", RuntimeWarning, stacklevel=2)
             response.read(start)
@@ -359,17 +368,27 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def read(self, indices) -> list[tuple[bytes, int, str, int]]:
         """(bytes, label, name, global index) of the samples `indices`, in that order: each run
-        of consecutive samples of a shard is one read of its byte range. A shard that cannot be
+        of consecutive samples of a shard is one read of its byte range (over HTTP(S), up to
+        REMOTE_READS of them at once). A shard that cannot be
         read, or whose bytes do not hold what its index says, is a `ShardError` naming it."""
         indices = np.asarray(indices, dtype=np.int64)
         ordered = np.unique(indices)
         shard = np.searchsorted(self.first, ordered, "right") - 1
         runs = np.flatnonzero((np.diff(ordered) != 1) | (np.diff(shard) != 0)) + 1
-        got = {}
+        spans = []  # (shard, first, last + 1) of each run
         for run in np.split(np.arange(len(ordered)), runs) if len(ordered) else []:
             s = int(shard[run[0]])
-            a, b = int(ordered[run[0]] - self.first[s]), int(ordered[run[-1]] - self.first[s]) + 1
-            for position, fields in enumerate(self._read_range(s, a, b), a):
+            spans.append((s, int(ordered[run[0]] - self.first[s]),
+                          int(ordered[run[-1]] - self.first[s]) + 1))
+        remote = [span for span in spans if _local_path(self.urls[span[0]]) is None]
+        if len(remote) > 1:  # concurrent requests; the first error (in run order) is raised
+            with ThreadPoolExecutor(min(len(remote), REMOTE_READS)) as pool:
+                reads = list(pool.map(lambda span: self._read_range(*span), spans))
+        else:
+            reads = [self._read_range(*span) for span in spans]
+        got = {}
+        for (s, a, _), samples in zip(spans, reads):
+            for position, fields in enumerate(samples, a):
                 got[int(self.first[s]) + position] = fields
         return [(*got[int(g)], int(g)) for g in indices]
 
