@@ -27,6 +27,7 @@ from mae.data.images import (
     ImageFolderDataset,
     ShapesDataset,
     center_resize,
+    collate_skipping,
     random_resized_crop,
     read_rgb,
     to_tensor,
@@ -193,6 +194,28 @@ def test_a_file_only_the_device_decoder_fails_on_is_decoded_by_pillow_and_counte
         imgs, _, unreadable = prepare(batch, labels, 0, 0)
     assert unreadable == 0 and imgs.shape[0] == 4
     assert prepare.take_fallbacks() == 1 and prepare.take_fallbacks() == 0  # per epoch
+
+
+def test_an_evaluation_counts_the_files_only_the_device_decoder_fails_on(tmp_path):
+    """evaluate() through the gpu loader's centre crops reports the files its device decoder
+    failed on (Pillow decoded them) beside the scores, counting this evaluation's only."""
+    from mae.data.prefetch import DeviceLoader
+    from mae.train.engine import evaluate
+
+    paths = write_folder(tmp_path, sizes=[(30 + i, 40) for i in range(6)], kinds=("jpeg",))
+    dataset, _ = encoded_batch(tmp_path, ship_jpegs=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_packed)
+    prepare = GpuBatches(SIZE, "cpu", train=False, decoder=pillow_decoder(
+        refuses={paths[1].stat().st_size, paths[4].stat().st_size}))
+    prepare.fallbacks = 5  # an earlier evaluation's
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, 3))
+    with pytest.warns(RuntimeWarning, match="decoded on the CPU by Pillow"):
+        stats = evaluate(model, DeviceLoader(loader, torch.device("cpu"), prepare),
+                         torch.device("cpu"), None)
+    assert stats["images"] == 6 and stats["decode_fallbacks"] == 2
+    plain = torch.utils.data.DataLoader(ImageFolderDataset(tmp_path, SIZE, split="train"),
+                                        batch_size=4, collate_fn=collate_skipping)
+    assert "decode_fallbacks" not in evaluate(model, plain, torch.device("cpu"), None)
 
 
 def broken_decoder(calls):

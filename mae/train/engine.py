@@ -375,13 +375,18 @@ def evaluate(model, loader, device, amp_dtype) -> dict:
     """Top-1, top-5 (%) and cross-entropy of a classifier over the loader (each rank its share
     of the images, summed over the ranks), as main_finetune.py / main_linprobe.py evaluate.
     Every rank scores with rank 0's buffers (a BatchNorm's running statistics), which are what
-    it saves: DDP copies them over only at the start of each training forward."""
+    it saves: DDP copies them over only at the start of each training forward. Through the gpu
+    loader, also `decode_fallbacks`: the files its device decoder failed on (over the ranks)."""
     if torch.distributed.is_initialized():
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, images
+    # top1, top5, loss, images, the files decoded on the CPU after the device decoder failed
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     batches = loader if isinstance(loader, DeviceLoader) else DeviceLoader(loader, device)
+    counts_fallbacks = hasattr(batches.prepare, "take_fallbacks")
+    if counts_fallbacks:
+        batches.prepare.take_fallbacks()  # this evaluation's alone
     for imgs, labels, _ in batches:  # on the device, made ready ahead by the loader thread
         if imgs is None:
             continue
@@ -391,13 +396,18 @@ def evaluate(model, loader, device, amp_dtype) -> dict:
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = ranked == labels[:, None]
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), loss,
-                               torch.tensor(imgs.shape[0], device=device)]).double()
+        totals[:4] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), loss,
+                                   torch.tensor(imgs.shape[0], device=device)]).double()
+    if counts_fallbacks:
+        totals[4] += batches.prepare.take_fallbacks()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
     n = max(totals[3].item(), 1.0)
-    return {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n,
-            "loss": totals[2].item() / n, "images": int(totals[3].item())}
+    stats = {"top1": 100 * totals[0].item() / n, "top5": 100 * totals[1].item() / n,
+             "loss": totals[2].item() / n, "images": int(totals[3].item())}
+    if counts_fallbacks:
+        stats["decode_fallbacks"] = int(totals[4].item())
+    return stats
 
 
 def evaluation_text(stats: dict | None) -> str:
