@@ -239,9 +239,10 @@ def test_a_broken_device_decoder_is_one_warning_then_the_cpu_decodes(tmp_path, c
     second, _, _ = prepare(batch, labels, 0, 1)
     err = capsys.readouterr().err.splitlines()
     assert err == ["warning: nvjpeg-test failed on 8 JPEGs in a row that Pillow decodes "
-                   "(nvjpegCreate failed: NVJPEG_STATUS_ARCH_MISMATCH): the loader thread "
-                   "decodes the JPEGs on the CPU from now on (counted as decode_fallbacks; "
-                   "--data-loader pil decodes them in the DataLoader workers)"], err
+                   "(nvjpegCreate failed: NVJPEG_STATUS_ARCH_MISMATCH): the CPU decodes the "
+                   "JPEGs from now on, in the loader thread (counted as decode_fallbacks) "
+                   "until the DataLoader workers start again (the next epoch) and decode "
+                   "them"], err
     tried = len(calls)
     again, _, _ = prepare(batch, labels, 0, 0)
     assert len(calls) == tried and capsys.readouterr().err == ""  # not tried again, said once
@@ -256,6 +257,34 @@ def test_a_broken_device_decoder_is_one_warning_then_the_cpu_decodes(tmp_path, c
                                          r"in a row that Pillow decodes .*; use --data-loader "
                                          r"pil"):
         strict(batch, labels, 0, 1)
+
+
+def test_after_the_device_decoder_broke_the_workers_decode_from_the_next_epoch(tmp_path,
+                                                                            capsys):
+    """The decoder breaks in epoch 0 (the loader thread decodes the rest); as epoch 1's
+    Prefetcher starts the DataLoader workers again they decode the JPEGs (Pillow, in
+    parallel): no fallback in the thread, no decoder call, the same pixels."""
+    from mae.data.prefetch import Prefetcher
+
+    write_folder(tmp_path, sizes=[(30 + i, 40) for i in range(12)], kinds=("jpeg",))
+    dataset, _ = encoded_batch(tmp_path, ship_jpegs=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1,
+                                         collate_fn=collate_packed)
+    calls = []
+    prepare = GpuBatches(SIZE, "cpu", train=False, decoder=broken_decoder(calls))
+    epochs = []
+    for epoch in (0, 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the first 4 files' own warnings
+            with Prefetcher(loader, "cpu", prepare, epoch=epoch) as batches:
+                epochs.append([imgs for imgs, _, _ in batches])
+        if epoch == 0:
+            assert "the CPU decodes the JPEGs from now on" in capsys.readouterr().err
+            assert prepare.take_fallbacks() == 12 and dataset.ship_jpegs
+            tried = len(calls)
+    assert not dataset.ship_jpegs and len(calls) == tried and prepare.take_fallbacks() == 0
+    for before, after in zip(*epochs, strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
 def test_the_pillow_path_crops_then_resizes_as_the_gpu_path(tmp_path):

@@ -21,9 +21,9 @@ training stream; sizes come from the headers.
 Never silent: a batched decode that fails is split until the files it fails on are found. Each
 is given to Pillow: skipped, named and counted where Pillow cannot read it either, decoded on
 the CPU and counted as a fallback where it can. A decoder that fails on every JPEG of a batch
-Pillow reads is broken, not the files: one warning names the cause and the loader thread
-decodes on the CPU from then on (counted), or, under an explicit `--data-loader gpu`, the run
-stops with that line.
+Pillow reads is broken, not the files: one warning names the cause and the CPU decodes from
+then on (counted), in the loader thread until the DataLoader workers start again, then in the
+workers; or, under an explicit `--data-loader gpu`, the run stops with that line.
 
 Evaluation's centre crop is a box in source pixels (`center_crop_boxes`) where `center_resize`
 resizes the whole image then crops: within half a source pixel of the same region.
@@ -469,7 +469,15 @@ class GpuBatches:
         if self.strict:
             raise ValueError(f"--data-loader gpu: {line}; use --data-loader pil (Pillow in the "
                              f"DataLoader workers)")
-        print(f"warning: {line}: the loader thread decodes the JPEGs on the CPU from now on "
-              f"(counted as decode_fallbacks; --data-loader pil decodes them in the DataLoader "
-              f"workers)", file=sys.stderr)
+        print(f"warning: {line}: the CPU decodes the JPEGs from now on, in the loader thread "
+              f"(counted as decode_fallbacks) until the DataLoader workers start again (the "
+              f"next epoch) and decode them", file=sys.stderr)
         self.decoder = None
+
+    def before_iteration(self, loader) -> None:
+        """An iteration of `loader` starts (the Prefetcher calls this before its workers
+        start): once the device decoder broke, the workers decode the JPEGs, in parallel, and
+        the loader thread no longer does (the pixels are the same: Pillow's either way)."""
+        dataset = getattr(loader, "dataset", None)
+        if self.decoder is None and getattr(dataset, "ship_jpegs", False):
+            dataset.ship_jpegs = False

@@ -81,6 +81,8 @@ class Prefetcher:
             depth = 0  # the data set runs in this thread (see the module doc)
         self.depth = depth
         self.wait_s = 0.0
+        if hasattr(prepare, "before_iteration"):
+            prepare.before_iteration(loader)  # (the gpu loader's: who decodes from now on)
         self._batches = iter(loader)  # here: the workers' seeds come from this thread's streams
         self._steps = itertools.count(first)
         self._group = group
