@@ -505,6 +505,14 @@ def config_value(action: argparse.Action, key: str, value):
     return checked if action.nargs is not None else checked[0]
 
 
+def _number(text: str):
+    """`text` as a float where it is one, else as it was (the model then names the key)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def read_config(path, parser: argparse.ArgumentParser, command: str) -> dict:
     """A --config file as parser defaults: flag names (dashes or underscores) set flags, MAE
     config keys (DEFAULT_CONFIG, e.g. encoder_dim) go to `model_config`, checked by the model.
@@ -536,6 +544,8 @@ def read_config(path, parser: argparse.ArgumentParser, command: str) -> dict:
             except UsageError as exc:
                 raise UsageError(str(exc).replace("--config:", f"--config {path}:", 1)) from None
         elif dest in DEFAULT_CONFIG and command == "pretrain":
+            if isinstance(DEFAULT_CONFIG[dest], float) and isinstance(value, str):
+                value = _number(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
             model_config[dest] = value
         elif command == "pretrain":
             raise UsageError(f"--config {path}: unknown key {key!r} (neither a "
@@ -684,7 +694,7 @@ def main(argv=None) -> int:
             visualize(args)
         elif args.command == "export":
             from .checkpoints.files import export_safetensors, load_checkpoint
-            from .checkpoints.interop import export_hf, export_timm
+            from .checkpoints.interop import export_hf, export_timm, timm_call
             from .checkpoints.pretrained import check_saved_args
 
             state = load_checkpoint(args.checkpoint, trust=args.unsafe_trust_checkpoint)
@@ -694,9 +704,7 @@ def main(argv=None) -> int:
                       f"transformers.ViTMAEForPreTraining.from_pretrained({args.output!r})")
             elif args.format == "timm":
                 out, name, kwargs = export_timm(state, args.output, args.checkpoint)
-                options = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-                print(f"wrote {out}: timm.create_model({name!r}{options}, pretrained=True, "
-                      f"pretrained_cfg_overlay=dict(file={str(out)!r}))")
+                print(f"wrote {out}: {timm_call(name, kwargs, out)}")
             else:
                 print(f"wrote {export_safetensors(state, args.output)}")
         elif args.command == "shards":

@@ -134,11 +134,18 @@ def crossmae_masking(x: torch.Tensor, mask_ratio: float, kept_mask_ratio: float,
     tokens split three ways by noise order: int(L * (1 - mask_ratio)) kept, the next
     int(L * (mask_ratio - kept_mask_ratio)) masked and not predicted, the rest masked and
     predicted. `mask` is 1 on the predicted tokens only."""
-    L = x.shape[1]
-    # random_masking's draw and split; the mask is 1 from the first predicted token in noise order
-    x_masked, _, ids_restore = random_masking(x, mask_ratio, noise)
-    not_predicted = int(L * (1 - mask_ratio)) + int(L * (mask_ratio - kept_mask_ratio))
-    mask = (ids_restore >= not_predicted).float()
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    len_masked = int(L * (mask_ratio - kept_mask_ratio))
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :(len_keep + len_masked)] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
     return x_masked, mask, ids_restore
 
 

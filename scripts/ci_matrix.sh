@@ -92,8 +92,10 @@ stage "lowest: Python 3.10, torch 2.11 + CUDA 13.0, triton 3.6, plain pip instal
 # built on import, the models (eager and compiled). The training loop's and the commands' own
 # tests (pure Python on top: resume, DDP, logs, CLI defaults, data, anomaly maps, video
 # training, loaders and shards, the loader thread, preemption and cluster behaviour, logging,
-# the recipe printout, the docs, the GPU plan's arithmetic) run in the two rows above; FSDP2's
-# and the HF/timm interop's own tests run here too, against torch 2.11.
+# the recipe printout, the docs, the GPU plan's arithmetic) run in .ci/run's default row (torch
+# 2.13) and the newest row; what of them needs CUDA (the loader thread's stream hand-off) runs
+# on the GPU image's torch 2.11. FSDP2's and the HF/timm interop's own tests run here too,
+# against torch 2.11.
 row lowest 3.10 torch==2.11.0 "" test "assert triton.__version__.startswith('3.6'), triton.__version__" \
   tests -m "not slow" --ignore=tests/test_training.py --ignore=tests/test_cli.py \
   --ignore=tests/test_anomaly.py --ignore=tests/test_video.py --ignore=tests/test_data.py \

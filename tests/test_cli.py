@@ -334,6 +334,9 @@ def test_config_file_with_flags_overriding_it(tmp_path, suffix):
     assert config["decoder_dim"] == 32 and config["encoder_dim"] == 192 and config["norm_pix_loss"]
     assert resolved("--config", str(path), "--no-norm-pix-loss").model_config[
         "norm_pix_loss"] is False
+    exponent = tmp_path / "eps.yaml"  # YAML 1.1 reads 1e-5 (no dot) as a string
+    exponent.write_text("norm_eps: 1e-5\n")
+    assert resolved("--config", str(exponent)).model_config["norm_eps"] == 1e-5
 
 
 def test_config_file_errors_and_never_runs_code(tmp_path, capsys):

@@ -58,6 +58,18 @@ def test_official_command_lines_parse():
     assert pre.norm_pix_loss and pre.epochs == 800
 
 
+def test_a_checkpoint_s_layer_norm_eps_survives_a_named_model():
+    """`--model vit_base_patch16 --finetune DIR` (the official command line) on an HF ViTMAE
+    builds the ViT with the checkpoint's LayerNorm eps (1e-12), not the name's (1e-6)."""
+    hf = {**finetune_module.vit_config("vit_base_patch16"), "norm_eps": 1e-12}
+    for named in (["--model", "vit_base_patch16"], []):
+        args = parse_args(["finetune", *named, "--finetune", "hf", "--data-path", "/d"])
+        finetune_module.apply_defaults(args, hf)
+        assert args.vit_config["norm_eps"] == 1e-12, named
+    vit = finetune_module.build_vit(args.vit_config, 10, 0.0, True)
+    assert {m.eps for m in vit.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}
+
+
 def test_layer_decay_is_keyed_on_the_architecture_not_the_flag():
     """FINETUNE.md's 0.65 for ViT-B whether --model names it or --finetune's checkpoint says it;
     0.75 for other encoders."""

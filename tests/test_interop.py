@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mae import MAE
@@ -283,6 +284,28 @@ def test_an_hf_config_s_layer_norm_eps_is_honoured(tmp_path, capsys):
     ck = saved(tmp_path / "ck.pth", ours)
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(ck), "--format", "timm",
-                 "-o", str(tmp_path / "timm.safetensors")]) == 1
-    error = one_error_line(capsys)
-    assert "LayerNorms have eps 0.01" in error and "--format hf" in error
+                 "-o", str(tmp_path / "timm.safetensors")]) == 0
+    assert "norm_layer=functools.partial(torch.nn.LayerNorm, eps=0.01)" in capsys.readouterr().out
+
+
+def test_a_timm_export_with_another_layer_norm_eps_gives_our_features(tmp_path, capsys):
+    """An encoder normalising with eps 1e-2 (an HF ViTMAE's own eps, here where it shows):
+    the create_model call `mae export --format timm` prints, run as printed, builds a ViT that
+    loads the file and gives our features; the file's metadata says the eps."""
+    import functools
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = MAE({**WIDE, "norm_eps": 1e-2}).eval()
+    ck, out = saved(tmp_path / "ck.pth", model), tmp_path / "encoder.safetensors"
+    assert main(["export", "--checkpoint", str(ck), "--format", "timm", "-o", str(out)]) == 0
+    call = capsys.readouterr().out.strip().splitlines()[-1].partition(": ")[2]
+    assert call.startswith("timm.create_model(") and "eps=0.01" in call
+    vit = eval(call, {"timm": timm, "functools": functools, "torch": torch}).eval()
+    assert {m.eps for m in vit.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-2}
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["norm_eps"] == "0.01"
+    imgs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(imgs), model.encode(imgs).cls_token, rtol=1e-5,
+                                   atol=1e-5)

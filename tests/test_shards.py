@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 import warnings
 from collections import Counter
 
@@ -420,10 +419,10 @@ def test_the_online_probe_refuses_shards_in_one_line(shards, capsys):
 class RangeServer:
     """A folder over HTTP with Range requests (Python's own handler has none), counting the
     bytes it sends and the most requests it served at once; `ranges=False` answers every
-    request with the whole file; `delay` seconds before each answer stand for the latency of an
-    object store."""
+    request with the whole file; with `gather` set, a request is answered once that many are in
+    flight (or after 5 s: an object store's latency, which concurrent reads hide)."""
 
-    def __init__(self, folder, ranges: bool = True, failures: int = 0, delay: float = 0.0):
+    def __init__(self, folder, ranges: bool = True, failures: int = 0):
         import http.server
         import threading
 
@@ -440,17 +439,19 @@ class RangeServer:
                 with server.lock:
                     server.active += 1
                     server.peak = max(server.peak, server.active)
+                    server.lock.notify_all()
+                    server.lock.wait_for(lambda: server.active >= server.gather, timeout=5)
                 try:
-                    if delay:  # (tests that count the reader's time.sleep calls set none)
-                        time.sleep(delay)
                     self.answer()
                 finally:
                     with server.lock:
                         server.active -= 1
 
             def answer(self):
-                if server.failures:  # a passing outage: 503, then the real answer
-                    server.failures -= 1
+                with server.lock:  # a passing outage: 503, then the real answer
+                    failing = server.failures > 0
+                    server.failures -= failing
+                if failing:
                     self.send_error(503)
                     return
                 path = folder / self.path.lstrip("/")
@@ -471,8 +472,8 @@ class RangeServer:
                 server.sent += len(data)
 
         self.sent, self.failures = 0, failures
-        self.active = self.peak = 0
-        self.lock = threading.Lock()
+        self.active = self.peak = self.gather = 0
+        self.lock = threading.Condition()
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -526,12 +527,17 @@ def test_a_server_without_range_requests_still_serves_the_right_samples(tmp_path
     try:
         remote = ShardDataset(shard_urls(pattern.replace(str(tmp_path / "many"), server.url),
                                          "train", True), 16, False, encoded=True)
-        with pytest.warns(RuntimeWarning, match="ignores HTTP Range requests"):
-            got = remote.read([3, 4, 10])
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            got = remote.read([3, 4, 10])  # two shards, two reads at once
+            again = remote.read([0])
     finally:
         server.close()
+    assert [str(w.message) for w in said] == [  # once a host
+        f"{server.url.removeprefix('http://')} ignores HTTP Range requests: each read of a shard "
+        f"downloads it from its start"]
     local = ShardDataset(shard_urls(pattern, "train", True), 16, False, encoded=True)
-    assert [g[:2] for g in got] == [g[:2] for g in local.read([3, 4, 10])]
+    assert [g[:2] for g in got + again] == [g[:2] for g in local.read([3, 4, 10, 0])]
 
 
 def test_a_remote_read_that_fails_for_a_while_is_tried_again(tmp_path, monkeypatch):
@@ -565,19 +571,19 @@ def test_a_remote_read_that_fails_for_a_while_is_tried_again(tmp_path, monkeypat
 
 
 def test_a_batch_s_remote_reads_run_at_once(tmp_path):
-    """A batch spread over 16 shards is 16 Range requests; over HTTP(S) up to REMOTE_READS of
-    them are in flight at once (a server answering each after 0.5 s sees 8 together), and the
+    """A batch spread over 16 shards is 16 Range requests; over HTTP(S) REMOTE_READS of them
+    are in flight at once (read one after another, the server would see 1 at a time), and the
     samples are those of the local shards, in the batch's order."""
     from mae.data.shards import REMOTE_READS
 
     pattern = many_shards(tmp_path, images=64, shard_size=4)
     local = ShardDataset(shard_urls(pattern, "train", True), 16, False, encoded=True)
-    server = RangeServer(tmp_path / "many", delay=0.5)
+    server = RangeServer(tmp_path / "many")
     try:
         remote = ShardDataset(shard_urls(pattern.replace(str(tmp_path / "many"), server.url),
                                          "train", True), 16, False, encoded=True)
         indices = [61, 0, 4, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 1]
-        server.peak = 0
+        server.gather, server.peak = REMOTE_READS, 0
         got = remote.read(indices)
         assert server.peak == REMOTE_READS == 8
     finally:

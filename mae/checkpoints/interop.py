@@ -11,6 +11,7 @@ unpickles: config.json through `json`, weights through safetensors.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -48,7 +49,7 @@ TIMM_NAMES = {(192, 12, 3): ("vit_tiny_patch16_224", 16),
               (1024, 24, 16): ("vit_large_patch16_224", 16),
               (1280, 32, 16): ("vit_huge_patch14_224", 14)}
 HF_LAYER_NORM_EPS = 1e-12  # ViTMAEConfig's default, where a config.json does not say
-TIMM_LAYER_NORM_EPS = 1e-6  # the eps of timm's MAE ViTs (their norm_layer; no kwarg sets it)
+TIMM_LAYER_NORM_EPS = 1e-6  # the eps of timm's MAE ViTs (another: create_model(norm_layer=))
 
 
 def _square(config: dict, what: str) -> int:
@@ -306,12 +307,19 @@ def timm_model(config: dict) -> tuple[str, dict]:
     if config["decoder"] == "cross" and config["weight_fm"]:
         # no last norm was trained (CrossMAE's): timm's mean-pooled head with a fresh fc_norm
         kwargs.update(global_pool="avg", fc_norm=True)
-    if config["norm_eps"] != TIMM_LAYER_NORM_EPS:
-        raise CheckpointError(f"this model's LayerNorms have eps {config['norm_eps']:g} (from a "
-                              f"Hugging Face config.json), timm's MAE ViTs {TIMM_LAYER_NORM_EPS:g} "
-                              f"and no create_model argument sets it: its outputs would differ; "
-                              f"export it with --format hf")
+    if config["norm_eps"] != TIMM_LAYER_NORM_EPS:  # an HF ViTMAE's (1e-12): timm's outputs
+        kwargs["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=config["norm_eps"])
     return name, kwargs
+
+
+def timm_call(name: str, kwargs: dict, file) -> str:
+    """The `timm.create_model(...)` call, as text, whose ViT loads the export `file` with
+    strict=True."""
+    options = "".join(
+        f", {k}=functools.partial(torch.nn.LayerNorm, eps={v.keywords['eps']!r})"
+        if k == "norm_layer" else f", {k}={v!r}" for k, v in kwargs.items())
+    return (f"timm.create_model({name!r}{options}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file={str(file)!r}))")
 
 
 def to_timm(weights: dict, config: dict | None = None) -> dict:
@@ -332,7 +340,8 @@ def to_timm(weights: dict, config: dict | None = None) -> dict:
 
 def export_timm(state: dict, out, path="the checkpoint") -> tuple[Path, str, dict]:
     """The encoder as a .safetensors file timm's matching ViT loads with strict=True; returns
-    (file, timm model name, create_model kwargs), also kept in the file's metadata."""
+    (file, timm model name, create_model kwargs), also kept in the file's metadata (a
+    norm_layer as its `norm_eps`)."""
     from safetensors.torch import save
 
 
@@ -340,7 +349,9 @@ def export_timm(state: dict, out, path="the checkpoint") -> tuple[Path, str, dic
     name, kwargs = timm_model(config)
     weights = {k: v.detach().contiguous().clone()
                for k, v in to_timm(model_weights(state), config).items()}
-    metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs)}
+    plain = {k: v for k, v in kwargs.items() if k != "norm_layer"}  # (its eps below)
+    metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(plain),
+                "norm_eps": repr(config["norm_eps"])}
     out = write_atomically(out, lambda f: f.write(save(weights, metadata=metadata)))
     return out, name, kwargs
 

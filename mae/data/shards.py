@@ -382,8 +382,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
                           int(ordered[run[-1]] - self.first[s]) + 1))
         remote = [span for span in spans if _local_path(self.urls[span[0]]) is None]
         if len(remote) > 1:  # concurrent requests; the first error (in run order) is raised
-            with ThreadPoolExecutor(min(len(remote), REMOTE_READS)) as pool:
+            pool = ThreadPoolExecutor(min(len(remote), REMOTE_READS))
+            try:
                 reads = list(pool.map(lambda span: self._read_range(*span), spans))
+            finally:  # after an error, the reads not started are dropped, not waited for
+                pool.shutdown(wait=False, cancel_futures=True)
         else:
             reads = [self._read_range(*span) for span in spans]
         got = {}

@@ -138,16 +138,17 @@ class Features(NamedTuple):
     """What `encode` returns: the cls token after the encoder's norm, and the global-pool
     feature of the official fine-tune/probe models (models_vit.py with global_pool): the mean of
     the patch tokens before the norm, through a fresh `fc_norm` LayerNorm (as main_linprobe.py
-    leaves it: weight 1, bias 0, eps 1e-6)."""
+    leaves it: weight 1, bias 0, the model's LayerNorm eps)."""
 
     cls_token: torch.Tensor
     patch_mean: torch.Tensor
 
 
-def global_pool(tokens: torch.Tensor) -> torch.Tensor:
-    """`Features.patch_mean` of tokens (B, N, D) taken before the encoder's norm."""
+def global_pool(tokens: torch.Tensor, eps: float) -> torch.Tensor:
+    """`Features.patch_mean` of tokens (B, N, D) taken before the encoder's norm; `eps` the
+    model's LayerNorm eps, as timm's fc_norm has it."""
     pooled = tokens.mean(dim=1)
-    return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
+    return F.layer_norm(pooled, pooled.shape[-1:], eps=eps)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -200,6 +201,7 @@ class MaskedAutoencoderViT(nn.Module):
             [Block(embed_dim, num_heads, mlp_ratio, norm_layer, mlp_dim, rate) for rate in rates]
         )
         self.norm = norm_layer(embed_dim)
+        self.norm_eps = self.norm.eps  # global_pool's (a CrossMAE without a last norm drops it)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -358,7 +360,7 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return Features(cls_token=self.final_norm(x)[:, :P].mean(dim=1),
-                        patch_mean=global_pool(x[:, P:]))
+                        patch_mean=global_pool(x[:, P:], self.norm_eps))
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's last LayerNorm."""

@@ -178,7 +178,7 @@ class VideoMAE(nn.Module):
         x = self.patch_embed(videos) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        pooled = global_pool(x)
+        pooled = global_pool(x, self.config["norm_eps"])
         return Features(cls_token=pooled, patch_mean=pooled)
 
 

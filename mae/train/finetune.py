@@ -213,7 +213,9 @@ def apply_defaults(args, pretrained_config: dict | None) -> None:
         defaults = {k: v for k, v in defaults.items() if k != "model"}
     fill(args, defaults, "demo" if args.demo else "official")
     if args.model is not None:
-        config = vit_config(args.model)
+        config = dict(vit_config(args.model))
+        if pretrained_config is not None:  # an HF ViTMAE's LayerNorm eps comes with its weights
+            config["norm_eps"] = pretrained_config.get("norm_eps", config["norm_eps"])
     else:
         config = encoder_of(pretrained_config)
     config = {**config, "img_size": args.input_size}
