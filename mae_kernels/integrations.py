@@ -46,6 +46,13 @@ def _is_patched(module: torch.nn.Module) -> bool:
     return bool(module.__dict__.get(_PATCHED))
 
 
+def _set_patchify(model) -> None:
+    """The official `patchify` (and `unpatchify`, where the model has one) on the fused ops."""
+    _set(model, "patchify", _official_patchify)
+    if hasattr(model, "unpatchify"):
+        _set(model, "unpatchify", _official_unpatchify)
+
+
 def _check_methods(model, required: tuple[str, ...], whose: str) -> None:
     missing = [name for name in required if not hasattr(model, name)]
     if missing:
@@ -186,9 +193,7 @@ def patch_official_mae(model):
     if _is_patched(model):
         return model
     _set(model, "random_masking", _official_random_masking)
-    _set(model, "patchify", _official_patchify)
-    if hasattr(model, "unpatchify"):
-        _set(model, "unpatchify", _official_unpatchify)
+    _set_patchify(model)
     if all(hasattr(model, part) for part in _DECODER_PARTS):
         _set(model, "forward_decoder", _official_forward_decoder)
     _set(model, "forward_loss", _official_forward_loss)
@@ -452,9 +457,7 @@ def patch_crossmae(model):
     _set(model, "random_masking", _crossmae_random_masking)
     _set(model, "mask_tokens_grid", _crossmae_mask_tokens_grid)
     _set(model, "forward_loss", _crossmae_forward_loss)
-    _set(model, "patchify", _official_patchify)
-    if hasattr(model, "unpatchify"):
-        _set(model, "unpatchify", _official_unpatchify)
+    _set_patchify(model)
     return model
 
 

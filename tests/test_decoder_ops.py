@@ -16,6 +16,7 @@ import mae_kernels as mk
 from mae_kernels import masking
 from mae_kernels import reference as ref
 
+from .test_custom_ops import assert_compiles_as_eager
 from .test_mask_sampling import _assert_same, _leaf
 from .utils import DTYPES, IMPLEMENTATIONS, assert_close, running
 
@@ -238,23 +239,7 @@ def _crossmae_step(x, mask_token, pos, imgs, head, noise):
 def test_compile_fullgraph_decoder_chain(implementation):
     """Units + the three-way split, the queries and the subset loss compile into one graph
     (no host sync, no break) with eager's loss, mask and gradients."""
-    B, L, D = 2, 16, 8
-    x = torch.randn(B, L, D, requires_grad=True)
-    mask_token = torch.randn(1, 1, D, requires_grad=True)
-    pos = torch.randn(1, L + 1, D, requires_grad=True)
-    imgs = torch.randn(B, 3, 16, 16)
-    head = torch.nn.Linear(D, 48)
-    noise = torch.rand(B, 4)
-    eager, eager_mask = _crossmae_step(x, mask_token, pos, imgs, head, noise)
-    eager_grads = torch.autograd.grad(eager, [x, mask_token, pos])
-    torch._dynamo.reset()
-    loss, mask = torch.compile(_crossmae_step, fullgraph=True)(x, mask_token, pos, imgs, head,
-                                                               noise)
-    grads = torch.autograd.grad(loss, [x, mask_token, pos])
-    assert torch.equal(mask, eager_mask)
-    torch.testing.assert_close(loss, eager)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
+    assert_compiles_as_eager(_crossmae_step, (2, 4))
 
 
 def _opcheck_cases():
